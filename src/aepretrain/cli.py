@@ -1,0 +1,259 @@
+"""The command line: thin. It parses, calls the Python API, and turns a user's mistake into one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import UserError
+
+COMMON = {  # flag -> dotted setting
+    "dataset": "data.dataset", "root": "data.root", "seed": "seed", "precision": "trainer.precision",
+    "device": "trainer.device", "devices": "trainer.devices", "num_nodes": "trainer.num_nodes",
+    "strategy": "trainer.strategy", "image_size": "data.image_size",
+}
+
+
+def _settings(p: argparse.ArgumentParser, training: bool = True) -> None:
+    p.add_argument("--preset", default="quick", help="named settings: quick (default), pets-sample, seed")
+    p.add_argument("--config", metavar="FILE", help="a YAML file of settings that override the preset")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting by its dotted key, e.g. finetune.epochs=3 (repeatable)")
+    p.add_argument("--dataset", help="fashion-mnist (default), oxford-pets, folder or synthetic")
+    p.add_argument("--root", help="the data set's folder")
+    p.add_argument("--image-size", type=int, help="square size images are resized to")
+    p.add_argument("--seed", type=int, help="fixes splits, initialisation, augmentation and data order")
+    if training:
+        p.add_argument("--precision", help="auto (default: bf16 where the hardware has it), 32, bf16-mixed, 16-mixed")
+        p.add_argument("--device", help="auto (default), cpu, cuda, mps")
+        p.add_argument("--devices", help="how many devices (or a list like 0,1) for Lightning")
+        p.add_argument("--num-nodes", type=int, help="nodes for multi-node training (torchrun, SLURM)")
+        p.add_argument("--strategy", help="Lightning strategy: auto, ddp, ddp_spawn, ...")
+        p.add_argument("--smoke", action="store_true", default=None,
+                       help="one epoch of a few small batches: proves the preset runs end to end")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _out(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--out", default=default, required=default is None, metavar="DIR", help="the run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in DIR where it stopped")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in DIR")
+
+
+def resolve_args(args: argparse.Namespace) -> Any:
+    from .config import resolve
+
+    flags = {key: getattr(args, flag, None) for flag, key in COMMON.items()}
+    flags["trainer.smoke"] = getattr(args, "smoke", None)
+    if getattr(args, "quiet", False):
+        flags["trainer.progress"] = False
+    return resolve(args.preset, args.config, args.set, **flags)
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from .data import prepare
+    from .pipeline import describe
+
+    cfg = resolve_args(args)
+    bundle = prepare(cfg.data, cfg.seed)
+    grid = Path(args.out) / f"samples-{cfg.data.dataset}.png"
+    info = describe(bundle, grid)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"{info['dataset']} from {info['root'] or 'the built-in location'}: {len(info['classes'])} classes, "
+          f"images {info['image_size'][0]}x{info['image_size'][1]}x{info['image_size'][2]}")
+    print("counts: " + ", ".join(f"{k} {v}" for k, v in info["counts"].items()))
+    width = max([len(c) for c in info["classes"]] + [5])
+    print(f"{'class':<{width}}  train    val   test")
+    for name, row in info["per_class"].items():
+        print(f"{name:<{width}}  {row['train']:5d}  {row['val']:5d}  {row['test']:5d}")
+    for note in info["notes"]:
+        print(f"note: {note}")
+    print(f"skipped {len(info['skipped'])} file(s)" + (":" if info["skipped"] else ""))
+    for item in info["skipped"]:
+        print(f"  {item['path']}: {item['reason']}")
+    if info["missing"]:
+        print(f"missing {len(info['missing'])} listed file(s), e.g. {info['missing'][0]}")
+    print(f"sample grid: {grid}")
+
+
+def cmd_summary(args: argparse.Namespace) -> None:
+    from .models import summary
+
+    cfg = resolve_args(args)
+    info = summary(cfg.model, cfg.data.image_size, cfg.model.in_channels, cfg.model.num_classes)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    parts = [("classifier", info["classifier"])] + [(f"autoencoder, stage {s['stage']}", s) for s in info["stages"]]
+    for title, part in parts:
+        print(f"\n{title} (input {tuple(info['input_shape'])})")
+        print(f"  {'layer':<26}{'type':<14}{'output (H, W, C)':<20}{'params':>10}")
+        for layer in part["layers"]:
+            print(f"  {layer['name']:<26}{layer['type']:<14}{str(tuple(layer['output_shape'])):<20}{layer['params']:>10,}")
+        print(f"  total {part['total']:,}  trainable {part['trainable']:,}  non-trainable {part['non_trainable']:,}")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from .pipeline import run
+
+    metrics = run(resolve_args(args), args.out, resume=args.resume, overwrite=args.overwrite)
+    print(f"\nrun folder: {args.out}  (report.html, report.md, metrics.json, figures/, checkpoints/)")
+    for arm, r in metrics["finetune"].items():
+        print(f"{arm:>10}: test accuracy {r['test_accuracy']:.4f}, test loss {r['test_loss']:.4f}, "
+              f"epochs to target {r['epochs_to_target']}")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from .pipeline import run_pretrain
+
+    stages = run_pretrain(resolve_args(args), args.out, resume=args.resume, overwrite=args.overwrite)
+    for s in stages["stages"]:
+        print(f"stage {s['stage']}: train MSE {s['train_loss']:.5f}, val MSE {s['val_loss']:.5f}, {s['seconds']} s")
+    print(f"test reconstruction MSE of the last stage: {stages['test_mse']:.5f}")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from .pipeline import run_finetune
+
+    r = run_finetune(resolve_args(args), args.out, args.init, args.encoder, resume=args.resume)
+    print(f"{args.init}: best val accuracy {r['best_val_accuracy']:.4f} at epoch {r['best_epoch']}, "
+          f"test accuracy {r['test_accuracy']:.4f}, checkpoint {r['checkpoint']}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .pipeline import run_evaluate
+
+    scores = run_evaluate(resolve_args(args), args.checkpoint, Path(args.out) if args.out else None)
+    if args.json:
+        print(json.dumps(scores, indent=2))
+        return
+    print(f"test loss {scores['test_loss']:.4f}, test accuracy {scores['test_accuracy']:.4f}")
+    for name, acc in scores["per_class_accuracy"].items():
+        print(f"  {name}: {acc:.4f}")
+    if scores.get("figure"):
+        print(f"confusion matrix: {scores['figure']}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from .predict import predict
+
+    rows = predict(args.images, args.checkpoint, args.top_k)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        print(row["image"])
+        for rank, top in enumerate(row["top"], 1):
+            print(f"  {rank}. {top['class']:<24} {top['probability']:.8g}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import write_report
+
+    md, page = write_report(args.dir)
+    print(f"{md}\n{page}")
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from .data.download import OXFORD_PETS_BASE_URL, download_oxford_pets
+
+    root = download_oxford_pets(args.root, base_url=args.url or OXFORD_PETS_BASE_URL)
+    print(f"Oxford-IIIT Pet is in {root}: use --dataset oxford-pets --root {root}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aepretrain", description="Greedy layer-wise convolutional autoencoder pre-training for CNN "
+        "classifiers, fine-tuning, and an honest comparison with training from scratch.")
+    parser.add_argument("--version", action="version", version=f"aepretrain {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="the whole job: pretrain, fine-tune both arms, evaluate, predict, report")
+    _settings(p)
+    _out(p, default="runs/quick")
+    p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser("data", help="prepare a data set and show counts, skipped files and a sample grid")
+    _settings(p, training=False)
+    p.add_argument("--out", default="runs/data", metavar="DIR", help="where the sample grid PNG goes")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=cmd_data)
+
+    p = sub.add_parser("summary", help="layers, output shapes and Keras-style parameter counts of every model")
+    _settings(p, training=False)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=cmd_summary)
+
+    p = sub.add_parser("pretrain", help="greedy layer-wise pre-training, one autoencoder per stage")
+    _settings(p)
+    _out(p)
+    p.set_defaults(handler=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="train the classifier from the pre-trained encoder or from scratch")
+    _settings(p)
+    _out(p)
+    p.add_argument("--init", choices=["pretrained", "scratch"], required=True)
+    p.add_argument("--encoder", metavar="PATH",
+                   help="a pretrain-stageK.safetensors (default: the last stage in the run folder)")
+    p.set_defaults(handler=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="test loss, accuracy, per-class accuracy and confusion matrix")
+    _settings(p)
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a classifier-*.safetensors")
+    p.add_argument("--out", metavar="DIR", help="where the confusion matrix PNG goes")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="top-k classes of any image files")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a classifier-*.safetensors")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=cmd_predict)
+
+    p = sub.add_parser("report", help="rebuild report.md and report.html from a run folder")
+    p.add_argument("dir", metavar="DIR")
+    p.set_defaults(handler=cmd_report)
+
+    p = sub.add_parser("download", help="fetch the Oxford-IIIT Pet archives, check their md5 and unpack them")
+    p.add_argument("--root", required=True, metavar="DIR")
+    p.add_argument("--url", help="another base URL (a mirror)")
+    p.set_defaults(handler=cmd_download)
+    return parser
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for progress and results: no device banners, no advice we already follow."""
+    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message in (".*does not have many workers.*", ".*number of training batches.*", ".*LitLogger.*",
+                    ".*module\(s\) in eval mode.*"):
+        warnings.filterwarnings("ignore", message=message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_libraries()
+    try:
+        args.handler(args)
+    except UserError as exc:
+        print(f"aepretrain: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("aepretrain: interrupted; what finished is kept in the run folder (--resume continues)", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into `head`: not an error
+        sys.stderr.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

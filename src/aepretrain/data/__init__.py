@@ -1,0 +1,73 @@
+"""Data: read a data set by name, decode it once into a cache, and split it.
+
+Example:
+    >>> from aepretrain.config import resolve
+    >>> bundle = prepare(resolve("quick", **{"data.dataset": "synthetic"}).data, seed=0)
+    >>> sorted(bundle.counts())
+    ['ae', 'test', 'train', 'val']
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+
+import numpy as np
+
+from ..config import DataConfig
+from ..errors import UserError
+from . import fashion_mnist, folder, oxford_pets, synthetic
+from .base import UNLABELLED, DataBundle, Labelled, Source
+from .splits import stratified_split, stratified_subset
+
+READERS: dict[str, Callable[..., Source]] = {
+    "fashion-mnist": fashion_mnist.read,
+    "oxford-pets": oxford_pets.read,
+    "folder": folder.read,
+    "synthetic": synthetic.read,
+}
+
+__all__ = ["READERS", "DataBundle", "Labelled", "Source", "UNLABELLED", "prepare", "read_source"]
+
+
+def read_source(cfg: DataConfig, seed: int) -> Source:
+    if cfg.dataset not in READERS:
+        match = difflib.get_close_matches(cfg.dataset, list(READERS), n=1)
+        hint = f" (closest: {match[0]})" if match else ""
+        raise UserError(f"unknown data set '{cfg.dataset}'{hint}; choose one of {', '.join(READERS)}")
+    return READERS[cfg.dataset](root=cfg.root, size=cfg.image_size, cache_dir=cfg.cache_dir,
+                                max_pixels=cfg.max_pixels, seed=seed, classes=cfg.synthetic_classes,
+                                per_class=cfg.synthetic_per_class)
+
+
+def prepare(cfg: DataConfig, seed: int) -> DataBundle:
+    """Train / val / test / autoencoder splits, stratified and seeded.
+
+    The official test split is kept where one exists; otherwise ``test_fraction`` is carved from
+    the images. ``train_limit`` caps train + val before validation is carved from it. The
+    autoencoder subset is ``ae_fraction`` of train + val, as the reference did.
+    """
+    source = read_source(cfg, seed)
+    pool, test = source.train, source.test
+    notes = []
+    if test is None:
+        keep, take = stratified_split(pool.labels, cfg.test_fraction, seed)
+        pool, test = pool.take(keep), pool.take(take)
+        notes.append(f"no official test split: {len(test)} images ({cfg.test_fraction:.0%}) carved from the data")
+    if cfg.train_limit is not None and cfg.train_limit < len(pool):
+        pool = pool.take(stratified_subset(pool.labels, cfg.train_limit, seed))
+        notes.append(f"train + val capped at {cfg.train_limit} images (stratified)")
+    if cfg.test_limit is not None and cfg.test_limit < len(test):
+        test = test.take(stratified_subset(test.labels, cfg.test_limit, seed))
+        notes.append(f"test capped at {cfg.test_limit} images (stratified)")
+    keep, take = stratified_split(pool.labels, cfg.val_fraction, seed + 1)
+    train, val = pool.take(keep), pool.take(take)
+    _, ae_index = stratified_split(pool.labels, cfg.ae_fraction, seed + 2)
+    return DataBundle(dataset=cfg.dataset, root=cfg.root, classes=source.classes, channels=source.channels,
+                      image_size=cfg.image_size, train=train, val=val, test=test, ae=pool.take(ae_index),
+                      class_ids=source.class_ids, skipped=source.skipped, missing=source.missing, notes=notes)
+
+
+def labels_required(bundle: DataBundle) -> None:
+    if not bundle.classes or (bundle.train.labels == UNLABELLED).any():
+        raise UserError(f"{bundle.root} holds unlabelled images: fine-tuning needs one subfolder per class")

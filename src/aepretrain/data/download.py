@@ -1,0 +1,155 @@
+"""Download the official Oxford-IIIT Pet archives, check their md5, and unpack them.
+
+Each archive is streamed to ``<root>/<name>.part`` while its md5 is computed, and
+only renamed to ``<root>/<name>`` when the md5 matches, so a half-written or
+corrupt download never sits under the final name. Nothing is extracted until
+every archive has been verified and every tar member has been checked to stay
+inside ``root``. An archive already present with the right md5 is not fetched again.
+"""
+
+import hashlib
+import http.client
+import os
+import sys
+import tarfile
+import urllib.error
+import urllib.request
+from contextlib import ExitStack
+from pathlib import Path
+
+from aepretrain.errors import UserError
+
+OXFORD_PETS_BASE_URL = "https://www.robots.ox.ac.uk/~vgg/data/pets/data/"
+OXFORD_PETS_ARCHIVES = {
+    "images.tar.gz": "5c4f3ee8e5d25df40f4fd59a7f44e54c",
+    "annotations.tar.gz": "95a8c909bbe2e81eed6a22bccdf3f68f",
+}
+
+_CHUNK_BYTES = 1 << 20
+_PROGRESS_EVERY_BYTES = 16 << 20
+_TIMEOUT_S = 60.0
+
+
+def download_oxford_pets(
+    root: str | Path,
+    base_url: str = OXFORD_PETS_BASE_URL,
+    archives: dict[str, str] = OXFORD_PETS_ARCHIVES,
+    progress: bool = True,
+) -> Path:
+    """Fetch, verify and extract the Oxford-IIIT Pet archives into ``root``.
+
+    ``archives`` maps each archive's file name (appended to ``base_url``) to its
+    md5. After a successful call ``root/images/`` and ``root/annotations/`` exist.
+    Raises ``UserError`` on a network error, an HTTP error, an md5 mismatch, a
+    corrupt or unsafe archive, or a ``root`` that cannot be written.
+
+    Example:
+        >>> root = download_oxford_pets("data/oxford_pets")  # doctest: +SKIP
+        >>> sorted(p.name for p in root.iterdir())  # doctest: +SKIP
+        ['annotations', 'annotations.tar.gz', 'images', 'images.tar.gz']
+    """
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create download folder {root}: {exc}") from exc
+
+    base = base_url if base_url.endswith("/") else base_url + "/"
+    paths = []
+    for name, expected_md5 in archives.items():
+        path = root / name
+        if path.is_file() and _file_md5(path) == expected_md5:
+            if progress:
+                print(f"{name}: already present, md5 ok", file=sys.stderr)
+        else:
+            _download_verified(base + name, path, expected_md5, progress)
+        paths.append(path)
+
+    _extract_all(paths, root)
+    return root
+
+
+def _download_verified(url: str, path: Path, expected_md5: str, progress: bool) -> None:
+    """Stream ``url`` to ``path``.part, then rename it to ``path`` if its md5 matches."""
+    part = path.with_name(path.name + ".part")
+    digest = hashlib.md5(usedforsecurity=False)
+    done = 0
+    next_report = _PROGRESS_EVERY_BYTES
+    try:
+        with open(part, "wb") as out, urllib.request.urlopen(url, timeout=_TIMEOUT_S) as response:
+            while chunk := response.read(_CHUNK_BYTES):
+                out.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                if progress and done >= next_report:
+                    print(f"{path.name}: {done / 1e6:.0f} MB", file=sys.stderr)
+                    next_report += _PROGRESS_EVERY_BYTES
+    except urllib.error.HTTPError as exc:
+        part.unlink(missing_ok=True)
+        raise UserError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from exc
+    except urllib.error.URLError as exc:
+        part.unlink(missing_ok=True)
+        raise UserError(f"download of {url} failed: {exc.reason}") from exc
+    except (OSError, http.client.HTTPException) as exc:
+        part.unlink(missing_ok=True)
+        raise UserError(f"download of {url} to {part} failed: {str(exc) or type(exc).__name__}") from exc
+
+    got_md5 = digest.hexdigest()
+    if got_md5 != expected_md5:
+        part.unlink(missing_ok=True)
+        raise UserError(
+            f"md5 mismatch for {path.name} from {url}: expected {expected_md5}, got {got_md5} "
+            "(the file was removed; try again)"
+        )
+    try:
+        os.replace(part, path)
+    except OSError as exc:
+        part.unlink(missing_ok=True)
+        raise UserError(f"cannot move {part} to {path}: {exc}") from exc
+    if progress:
+        print(f"{path.name}: {done / 1e6:.1f} MB, md5 ok", file=sys.stderr)
+
+
+def _extract_all(paths: list[Path], root: Path) -> None:
+    """Check every member of every archive, then extract them all into ``root``."""
+    with ExitStack() as stack:
+        opened = []
+        for path in paths:
+            try:
+                tar = stack.enter_context(tarfile.open(path, "r:gz"))
+                members = tar.getmembers()
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                raise UserError(f"cannot read archive {path}: {exc}") from exc
+            for member in members:
+                _check_member(member, path, root)
+            opened.append((path, tar, members))
+
+        for path, tar, members in opened:
+            try:
+                tar.extractall(root, members=members, filter="data")
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                raise UserError(f"cannot extract archive {path} into {root}: {exc}") from exc
+
+
+def _check_member(member: tarfile.TarInfo, archive: Path, root: Path) -> None:
+    """Refuse a member whose path, or link target, would land outside ``root``."""
+    root = root.resolve()
+    where = f"unsafe member {member.name!r} in {archive}"
+    if os.path.isabs(member.name) or ".." in Path(member.name).parts:
+        raise UserError(f"{where}: absolute path or '..' component; refusing to extract")
+    if member.issym() or member.islnk():
+        if os.path.isabs(member.linkname):
+            raise UserError(f"{where}: link to absolute path {member.linkname!r}; refusing to extract")
+        # A symlink's target is relative to its own folder, a hard link's to the archive root.
+        link_dir = (root / member.name).parent if member.issym() else root
+        target = Path(os.path.normpath(link_dir / member.linkname))
+        if not target.is_relative_to(root):
+            raise UserError(f"{where}: link to {member.linkname!r} points outside {root}; refusing to extract")
+
+
+def _file_md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,44 @@
+"""Testing a classifier: loss, accuracy, per-class accuracy and the confusion matrix on the test split.
+
+Example:
+    >>> scores = evaluate(classifier, bundle.test, bundle.classes)  # doctest: +SKIP
+    >>> scores["test_accuracy"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from .data.base import Labelled
+from .models import Classifier
+
+
+@torch.no_grad()
+def logits_of(classifier: Classifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Logits for uint8 NHWC images, in eval mode, batch by batch, on the classifier's device."""
+    device = next(classifier.parameters()).device
+    was_training = classifier.training
+    classifier.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size].to(device).permute(0, 3, 1, 2).float().div_(255.0)
+        out.append(classifier(x).float().cpu())
+    classifier.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, classifier.dense.out_features)
+
+
+def evaluate(classifier: Classifier, test: Labelled, classes: list[str]) -> dict[str, Any]:
+    logits = logits_of(classifier, torch.from_numpy(test.images))
+    labels = torch.from_numpy(test.labels)
+    confusion = MulticlassConfusionMatrix(num_classes=len(classes))(logits.argmax(1), labels)
+    support = confusion.sum(1).clamp(min=1)
+    return {
+        "test_loss": float(F.cross_entropy(logits, labels)),
+        "test_accuracy": float((logits.argmax(1) == labels).float().mean()),
+        "per_class_accuracy": {c: float(confusion[k, k] / support[k]) for k, c in enumerate(classes)},
+        "confusion": confusion.tolist(),
+    }

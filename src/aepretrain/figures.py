@@ -1,0 +1,118 @@
+"""Figures, as PNG files: sample grid, reconstructions by stage, curves, confusion matrices, predictions.
+
+Each function takes plain arrays or the numbers a run wrote to metrics.json, and a path to write.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _show(ax: Any, image: np.ndarray) -> None:
+    """HWC uint8 or float in [0, 1]; one channel is shown in gray."""
+    ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None,
+              vmin=0, vmax=255 if image.dtype == np.uint8 else 1)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def sample_grid(images: np.ndarray, labels: np.ndarray, classes: list[str], path: Path, per_class: int = 8) -> Path:
+    """One row per class (or one row of unlabelled images)."""
+    rows = [(name, np.flatnonzero(labels == k)[:per_class]) for k, name in enumerate(classes)] or \
+        [("unlabelled", np.arange(min(per_class, len(images))))]
+    fig, axes = plt.subplots(len(rows), per_class, figsize=(per_class * 1.2, len(rows) * 1.3), squeeze=False)
+    for r, (name, index) in enumerate(rows):
+        for c in range(per_class):
+            ax = axes[r][c]
+            if c < len(index):
+                _show(ax, images[index[c]])
+            else:
+                ax.axis("off")
+        axes[r][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    return _save(fig, path)
+
+
+def reconstructions(originals: np.ndarray, stages: list[np.ndarray], path: Path) -> Path:
+    """The reference's figure: each original beside its reconstruction by stage 1, 2, ... K (NHWC floats)."""
+    n, cols = len(originals), len(stages) + 1
+    fig, axes = plt.subplots(n, cols, figsize=(cols * 1.6, n * 1.6), squeeze=False)
+    for r in range(n):
+        _show(axes[r][0], originals[r])
+        for s, recon in enumerate(stages):
+            _show(axes[r][s + 1], recon[r])
+    for c, title in enumerate(["original"] + [f"autoencoder #{s + 1}" for s in range(len(stages))]):
+        axes[0][c].set_title(title, fontsize=8)
+    return _save(fig, path)
+
+
+def pretrain_curves(stages: list[dict[str, Any]], path: Path) -> Path:
+    fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        epochs = [row["epoch"] for row in stage["history"]]
+        for key in ("train_loss", "val_loss"):
+            ax.plot(epochs, [row.get(key, np.nan) for row in stage["history"]], marker=".", label=key)
+        ax.set_title(f"autoencoder #{stage['stage']}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("MSE")
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def finetune_curves(arms: dict[str, dict[str, Any]], target: float | None, path: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name, arm in arms.items():
+        epochs = [row["epoch"] for row in arm["history"]]
+        for ax, metric in zip(axes, ("acc", "loss")):
+            for split, style in (("train", "--"), ("val", "-")):
+                ax.plot(epochs, [row.get(f"{split}_{metric}", np.nan) for row in arm["history"]], style,
+                        label=f"{name} {split}")
+    if target is not None:
+        axes[0].axhline(target, color="gray", lw=0.8, label=f"target {target:.3f}")
+    for ax, label in zip(axes, ("accuracy", "cross-entropy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def confusion(matrix: list[list[int]], classes: list[str], title: str, path: Path) -> Path:
+    m = np.array(matrix)
+    size = max(4, 0.35 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    if len(classes) <= 12:
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if m[i, j] > m.max() / 2 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def predictions(images: np.ndarray, rows: list[dict[str, Any]], path: Path) -> Path:
+    fig, axes = plt.subplots(1, len(rows), figsize=(2.6 * len(rows), 3.2), squeeze=False)
+    for ax, image, row in zip(axes[0], images, rows):
+        _show(ax, image)
+        lines = [f"{t['class']}: {t['probability']:.3f}" for t in row["top"]]
+        if "true" in row:
+            lines.insert(0, f"true: {row['true']}")
+        ax.set_title("\n".join(lines), fontsize=7)
+    return _save(fig, path)

@@ -1,0 +1,191 @@
+"""The whole job, top to bottom: data -> pretrain -> finetune (both arms) -> evaluate -> predict -> report.
+
+Every step writes what it finished into the run folder at once (``metrics.json`` grows step by
+step), so nothing finished is lost if a later step fails.
+
+Example:
+    >>> from aepretrain.config import resolve
+    >>> metrics = run(resolve("quick"), "runs/quick")  # doctest: +SKIP
+    >>> metrics["finetune"]["pretrained"]["test_accuracy"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import config as config_module
+from . import figures
+from .config import Config
+from .data import DataBundle, labels_required, prepare
+from .errors import UserError
+from .checkpoints import load_classifier, load_encoder
+from .evaluate import evaluate
+from .finetune import ArmResult, classifier_path, epochs_to_target, finetune
+from .models import Encoder
+from .predict import top_k
+from .pretrain import PretrainResult, pretrain, reconstruct, stage_path
+from .training import resolved_precision, set_threads
+
+RUN_MARKER = "config.yaml"
+
+
+def describe(bundle: DataBundle, grid: Path | None) -> dict[str, Any]:
+    """What `aepretrain data` prints: counts per split and class, image size, what was skipped and why."""
+    if grid is not None:
+        figures.sample_grid(bundle.train.images, bundle.train.labels, bundle.classes, grid)
+    return {
+        "dataset": bundle.dataset, "root": bundle.root, "classes": bundle.classes, "class_ids": bundle.class_ids,
+        "counts": bundle.counts(), "per_class": bundle.per_class(),
+        "image_size": [bundle.image_size, bundle.image_size, bundle.channels],
+        "skipped": bundle.skipped, "missing": bundle.missing, "notes": bundle.notes,
+        "sample_grid": str(grid) if grid else None,
+    }
+
+
+def run_folder(out: str | Path, resume: bool, overwrite: bool) -> Path:
+    """The run folder; one that holds another run is refused unless resume or overwrite says so."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    holds_run = (out / RUN_MARKER).is_file()
+    if holds_run and overwrite:
+        shutil.rmtree(out)
+    elif holds_run and not resume:
+        raise UserError(f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it")
+    elif out.is_dir() and any(out.iterdir()) and not holds_run:
+        raise UserError(f"{out} is not empty and holds no aepretrain run: choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
+def _nhwc(x: torch.Tensor) -> np.ndarray:
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _metrics(out: Path) -> dict[str, Any]:
+    path = out / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _start(cfg: Config, out: Path, resume: bool, overwrite: bool) -> tuple[Path, DataBundle, dict[str, Any]]:
+    """Open the run folder, save the settings, prepare and describe the data."""
+    set_threads()
+    out = run_folder(out, resume, overwrite)
+    config_module.save(cfg, out / RUN_MARKER)
+    bundle = prepare(cfg.data, cfg.seed)
+    labels_required(bundle)
+    write_json(out / "data.json", describe(bundle, out / "figures" / "samples.png"))
+    metrics = _metrics(out) | {
+        "preset": cfg.preset, "seed": cfg.seed, "smoke": cfg.trainer.smoke,
+        "precision": resolved_precision(cfg.trainer.precision, cfg.trainer.device),
+        "dataset": {"name": bundle.dataset, **bundle.counts(), "classes": bundle.classes,
+                    "image_size": bundle.image_size, "channels": bundle.channels, "skipped": len(bundle.skipped)},
+    }
+    return out, bundle, metrics
+
+
+def _pretrain(cfg: Config, bundle: DataBundle, out: Path, metrics: dict[str, Any], resume: bool) -> PretrainResult:
+    pre = pretrain(cfg, bundle, out, resume)
+    metrics["pretrain"] = {"stages": pre.stages, "test_mse": pre.test_mse}
+    write_json(out / "metrics.json", metrics)
+    shown = bundle.test.take(np.arange(min(6, len(bundle.test))))
+    originals = torch.from_numpy(shown.images).permute(0, 3, 1, 2).float() / 255
+    recon = reconstruct(pre.autoencoders, originals)
+    figures.reconstructions(_nhwc(originals), [_nhwc(r) for r in recon], out / "figures" / "reconstructions.png")
+    return pre
+
+
+def _finetune(cfg: Config, bundle: DataBundle, out: Path, metrics: dict[str, Any], init: str,
+              encoder: Encoder | None, resume: bool) -> ArmResult:
+    arm = finetune(cfg, bundle, out, init, encoder, resume)
+    scores = evaluate(arm.classifier, bundle.test, bundle.classes)
+    metrics.setdefault("finetune", {})[init] = {
+        "test_loss": scores["test_loss"], "test_accuracy": scores["test_accuracy"],
+        "best_val_accuracy": arm.best_val_accuracy, "best_epoch": arm.best_epoch, "epochs": len(arm.history),
+        "epochs_to_target": None, "seconds": arm.seconds, "per_class_accuracy": scores["per_class_accuracy"],
+        "confusion": scores["confusion"], "history": arm.history, "checkpoint": str(classifier_path(out, init)),
+    }
+    write_json(out / "metrics.json", metrics)
+    return arm
+
+
+def run_pretrain(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Only the greedy stages; their weights land in ``out/checkpoints/pretrain-stageK.safetensors``."""
+    folder, bundle, metrics = _start(cfg, Path(out), resume, overwrite)
+    _pretrain(cfg, bundle, folder, metrics, resume)
+    return metrics["pretrain"]
+
+
+def run_finetune(cfg: Config, out: str | Path, init: str, encoder_path: str | None = None,
+                 resume: bool = False) -> dict[str, Any]:
+    """One arm; the pretrained arm takes the last stage's encoder from the run folder or ``encoder_path``."""
+    out = Path(out)
+    encoder = None
+    if init == "pretrained":
+        path = Path(encoder_path) if encoder_path else stage_path(out, len(cfg.model.blocks))
+        if not path.is_file():
+            raise UserError(f"no pre-trained encoder at {path}: run `aepretrain pretrain --out {out}` first "
+                            "or pass --encoder PATH")
+        encoder, _meta = load_encoder(path)
+    folder, bundle, metrics = _start(cfg, out, resume=True, overwrite=False)
+    _finetune(cfg, bundle, folder, metrics, init, encoder, resume)
+    return metrics["finetune"][init]
+
+
+def run_evaluate(cfg: Config, checkpoint: str | Path, out: Path | None) -> dict[str, Any]:
+    """Test a classifier checkpoint on the test split of the configured data."""
+    classifier, meta = load_classifier(checkpoint)
+    bundle = prepare(cfg.data, cfg.seed)
+    labels_required(bundle)
+    if meta["classes"] != bundle.classes or meta["in_channels"] != bundle.channels:
+        raise UserError(f"{checkpoint} was trained on {len(meta['classes'])} classes of {meta['in_channels']} "
+                        f"channel(s), the data has {len(bundle.classes)} of {bundle.channels}")
+    if meta["image_size"] != bundle.image_size:
+        raise UserError(f"{checkpoint} expects {meta['image_size']}px images; pass --image-size {meta['image_size']}")
+    scores = evaluate(classifier, bundle.test, bundle.classes)
+    if out is not None:
+        scores["figure"] = str(figures.confusion(scores["confusion"], bundle.classes, Path(checkpoint).stem,
+                                                 out / f"confusion-{Path(checkpoint).stem}.png"))
+    return scores
+
+
+def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Run the whole pipeline into ``out`` and return metrics.json as a dict."""
+    from .report import write_report
+
+    out, bundle, metrics = _start(cfg, Path(out), resume, overwrite)
+    pre = _pretrain(cfg, bundle, out, metrics, resume)
+    arms = {init: _finetune(cfg, bundle, out, metrics, init, pre.encoder, resume) for init in cfg.finetune.arms}
+
+    f = cfg.finetune
+    reference_arm = "scratch" if "scratch" in arms else next(iter(arms))
+    target = f.target_accuracy if f.target_accuracy is not None else \
+        f.target_fraction * arms[reference_arm].best_val_accuracy
+    metrics["target_accuracy"] = target
+    metrics["target_rule"] = ("set by finetune.target_accuracy" if f.target_accuracy is not None else
+                              f"{f.target_fraction:g} x the {reference_arm} arm's best validation accuracy")
+    for init, arm in arms.items():
+        metrics["finetune"][init]["epochs_to_target"] = epochs_to_target(arm.history, target)
+
+    shown = bundle.test.take(np.arange(min(cfg.predict.images, len(bundle.test))))
+    arm = arms.get("pretrained") or next(iter(arms.values()))
+    rows = top_k(arm.classifier, bundle.classes, shown.images, cfg.predict.top_k)
+    metrics["predictions"] = [{"image": name, "true": bundle.classes[label], "arm": arm.init, "top": top}
+                              for name, label, top in zip(shown.names, shown.labels, rows)]
+    figures.predictions(shown.images, metrics["predictions"], out / "figures" / "predictions.png")
+    write_json(out / "metrics.json", metrics)
+    write_report(out)
+    return metrics

@@ -1,0 +1,44 @@
+"""Top-k classes for any image file, from a classifier checkpoint, as the reference's Bombay table.
+
+Example:
+    >>> predict(["cat.jpg"], "runs/demo/checkpoints/classifier-pretrained.safetensors", top_k=3)  # doctest: +SKIP
+    [{'image': 'cat.jpg', 'top': [{'class': 'Bengal', 'probability': 0.91}, ...]}]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoints import load_classifier
+from .data.images import load_for_prediction
+from .evaluate import logits_of
+from .models import Classifier
+
+
+def prepare_image(img: Image.Image, size: int, channels: int) -> np.ndarray:
+    """An RGB image as the model saw its training data: size x size, gray if it trained on gray."""
+    img = img.resize((size, size), Image.BILINEAR)
+    if channels == 1:
+        img = img.convert("L")
+    pixels = np.asarray(img, dtype=np.uint8)
+    return pixels[..., None] if pixels.ndim == 2 else pixels
+
+
+def top_k(classifier: Classifier, classes: list[str], images: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
+    probabilities = torch.softmax(logits_of(classifier, torch.from_numpy(images)).double(), dim=1)
+    values, indices = probabilities.topk(min(k, len(classes)), dim=1)
+    return [[{"class": classes[i], "probability": float(p)} for p, i in zip(row_p, row_i)]
+            for row_p, row_i in zip(values.tolist(), indices.tolist())]
+
+
+def predict(images: list[str | Path], checkpoint: str | Path, top_k_count: int = 3) -> list[dict[str, Any]]:
+    classifier, meta = load_classifier(checkpoint)
+    pixels = np.stack([prepare_image(load_for_prediction(p), meta["image_size"], meta["in_channels"])
+                       for p in images])
+    tops = top_k(classifier, meta["classes"], pixels, top_k_count)
+    return [{"image": str(p), "top": top} for p, top in zip(images, tops)]

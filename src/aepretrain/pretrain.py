@@ -1,0 +1,123 @@
+"""Greedy layer-wise pre-training: one autoencoder per encoder block, the earlier blocks frozen.
+
+Stage k trains encoder block k and a new decoder (mirroring blocks k..1) to reconstruct the input
+pixels (MSE), with blocks 1..k-1 frozen, BatchNorm statistics included. No labels are used. After
+the last stage the encoder's weights initialise the classifier.
+
+Example:
+    >>> result = pretrain(cfg, bundle, Path("runs/demo"))  # doctest: +SKIP
+    >>> [s["train_loss"] for s in result.stages]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from .checkpoints import save_model
+from .config import Config
+from .data import DataBundle
+from .data.splits import stratified_split
+from .models import Autoencoder, Encoder, build_encoder, summarize
+from .training import History, loader, scheduler, steps_per_epoch, to_float, trainer
+
+
+class StageModule(L.LightningModule):
+    """One greedy stage: pixel MSE, Adam over the trainable (unfrozen) parameters only."""
+
+    def __init__(self, autoencoder: Autoencoder, cfg: Config, steps: int) -> None:
+        super().__init__()
+        self.autoencoder, self.cfg, self.steps = autoencoder, cfg, steps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder(x)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        x, y = batch
+        return to_float(x, self.cfg.trainer.channels_last), y
+
+    def _loss(self, x: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(self(x).float(), x.float())
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch[0])
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch[0]))
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", self._loss(batch[0]), prog_bar=True, batch_size=len(batch[0]), sync_dist=True)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("test_mse", self._loss(batch[0]), batch_size=len(batch[0]), sync_dist=True)
+
+    def configure_optimizers(self) -> Any:
+        p = self.cfg.pretrain
+        params = [q for q in self.autoencoder.parameters() if q.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=p.lr)
+        sched = scheduler(optimizer, p.schedule, p.lr, p.epochs, self.steps)
+        return {"optimizer": optimizer, "lr_scheduler": sched} if sched else optimizer
+
+
+@dataclass
+class PretrainResult:
+    encoder: Encoder
+    autoencoders: list[Autoencoder] = field(default_factory=list)
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    test_mse: float | None = None
+
+
+def stage_path(out: Path, stage: int) -> Path:
+    return out / "checkpoints" / f"pretrain-stage{stage}.safetensors"
+
+
+def pretrain(cfg: Config, bundle: DataBundle, out: Path, resume: bool = False) -> PretrainResult:
+    """Train every greedy stage in turn on the autoencoder subset; save each stage's weights."""
+    L.seed_everything(cfg.seed, verbose=False)
+    encoder = build_encoder(cfg.model, bundle.channels, for_classifier=False)
+    fit_idx, val_idx = stratified_split(bundle.ae.labels, cfg.data.val_fraction, cfg.seed + 3)
+    ae_train, ae_val = bundle.ae.take(fit_idx), bundle.ae.take(val_idx)
+    batch = cfg.pretrain.batch_size
+    result = PretrainResult(encoder)
+    shape = (bundle.channels, bundle.image_size, bundle.image_size)
+    for stage in range(1, len(cfg.model.blocks) + 1):
+        autoencoder = Autoencoder(encoder, stage)
+        if cfg.trainer.channels_last:
+            autoencoder.to(memory_format=torch.channels_last)
+        module = StageModule(autoencoder, cfg, steps_per_epoch(len(ae_train), batch))
+        history = History()
+        fit = trainer(cfg, out, f"stage{stage}", cfg.pretrain.epochs, [history])
+        last = out / "checkpoints" / "resume" / f"stage{stage}" / "last.ckpt"
+        started = time.perf_counter()
+        fit.fit(module, loader(ae_train, batch, True, cfg, drop_last=True), loader(ae_val, batch, False, cfg),
+                ckpt_path=last if resume and last.is_file() else None)
+        seconds = time.perf_counter() - started
+        save_model(autoencoder, stage_path(out, stage), "autoencoder", cfg, bundle.channels, {"stage": stage})
+        final = history.epochs[-1] if history.epochs else {}
+        result.autoencoders.append(autoencoder)
+        result.stages.append({
+            "stage": stage, "epochs": len(history.epochs), "train_loss": final.get("train_loss"),
+            "val_loss": final.get("val_loss"), "seconds": round(seconds, 2), "history": history.epochs,
+            "params": {k: v for k, v in summarize(autoencoder, shape).items() if k != "layers"},
+        })
+        if stage == len(cfg.model.blocks):
+            tested = fit.test(module, loader(bundle.test, batch, False, cfg), verbose=False)
+            result.test_mse = float(tested[0]["test_mse"])
+    return result
+
+
+@torch.no_grad()
+def reconstruct(autoencoders: list[Autoencoder], images: torch.Tensor) -> list[torch.Tensor]:
+    """Each stage's reconstruction of ``images`` (float in [0, 1], NCHW), clipped to [0, 1]."""
+    outputs = []
+    for autoencoder in autoencoders:
+        was_training = autoencoder.training
+        autoencoder.eval()
+        outputs.append(autoencoder(images).float().clamp(0, 1))
+        autoencoder.train(was_training)
+    return outputs

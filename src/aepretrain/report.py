@@ -1,0 +1,201 @@
+"""The report: every table of the reference with our numbers beside it, and every figure.
+
+It reads only what a run wrote (config.yaml, data.json, metrics.json, figures/), so
+``aepretrain report DIR`` rebuilds it from a run folder. One list of blocks renders to both
+``report.md`` and a self-contained ``report.html`` (figures embedded).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import figures
+from .config import from_dict
+from .errors import UserError
+from .models import summary
+
+# The lab report's numbers (../shared/SPEC.md).
+REFERENCE = {
+    "classifier_total": 1_128_997,
+    "classifier_layers": [9472, 256, 0, 0, 73856, 512, 0, 147584, 512, 0, 0, 295168, 1024, 0, 590080, 1024, 0, 0,
+                          0, 0, 9509],
+    "stages": [
+        {"params": (212_483, 212_227, 256), "seconds": 660, "train_loss": 0.0023},
+        {"params": (931_843, 920_963, 10_880), "seconds": 1020, "train_loss": 0.0035},
+        {"params": (3_148_803, 2_913_923, 234_880), "seconds": 1110, "train_loss": 0.0057},
+    ],
+    "test_mse": 0.0055,
+    "scratch": {"test_loss": 1.0759, "test_accuracy": 0.6678, "epochs": 66},
+    "pretrained": {"test_loss": 1.2430, "test_accuracy": 0.6545, "epochs": 34},
+    "prediction": [("Bombay", 0.99999905), ("scottish_terrier", 9.24e-07), ("Siamese", 1.51e-09)],
+}
+
+Block = tuple[str, Any]
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e-3 and value != 0 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> Block:
+    return ("table", (header, [[_fmt(v) for v in row] for row in rows]))
+
+
+def _load(out: Path, name: str) -> Any:
+    path = out / name
+    if not path.is_file():
+        raise UserError(f"{out} holds no {name}: is it a finished aepretrain run folder?")
+    return yaml.safe_load(path.read_text()) if name.endswith(".yaml") else json.loads(path.read_text())
+
+
+def blocks(out: Path) -> list[Block]:
+    cfg = from_dict(_load(out, "config.yaml"), str(out / "config.yaml"))
+    data, m = _load(out, "data.json"), _load(out, "metrics.json")
+    fig = out / "figures"
+    d = m["dataset"]
+    f, p = cfg.finetune, cfg.pretrain
+    b: list[Block] = [("h1", f"aepretrain report: preset {m['preset']}")]
+    b.append(("p", f"Data set **{d['name']}** ({len(d['classes'])} classes, {d['image_size']}x{d['image_size']}x"
+                   f"{d['channels']}), seed {m['seed']}, precision **{m['precision']}**"
+                   f"{', SMOKE RUN (a few batches: numbers mean nothing)' if m['smoke'] else ''}. "
+                   f"Pre-training: Adam lr {p.lr:g}, {p.epochs} epochs per stage, batch {p.batch_size}, schedule "
+                   f"{p.schedule}. Fine-tuning: Adam lr {f.lr:g}, up to {f.epochs} epochs, batch {f.batch_size}, "
+                   f"schedule {f.schedule}, early stopping patience {f.early_stopping_patience}. Augmentation: "
+                   f"rotation ±{cfg.augment.rotation:g}°, zoom {cfg.augment.zoom:.0%}, brightness "
+                   f"{cfg.augment.brightness}, horizontal flip {cfg.augment.hflip}. First-convolution stride: "
+                   f"classifier {cfg.model.classifier_stride}, autoencoders {cfg.model.autoencoder_stride}."))
+
+    b.append(("h2", "1. Data"))
+    b.append(_table(["split", "images"], [[k, d[k]] for k in ("train", "val", "test", "ae")]))
+    notes = data.get("notes", []) + [f"{len(data['skipped'])} file(s) skipped, {len(data['missing'])} listed "
+                                     "file(s) missing"]
+    b.append(("p", "; ".join(notes) + "."))
+    if data["skipped"]:
+        b.append(_table(["skipped file", "reason"], [[s["path"], s["reason"]] for s in data["skipped"][:50]]))
+    b.append(("img", (fig / "samples.png", "Sample images, one row per class")))
+
+    b.append(("h2", "2. Models"))
+    ours = summary(cfg.model, d["image_size"], d["channels"], len(d["classes"]))
+    clf = ours["classifier"]
+    ref_layers = REFERENCE["classifier_layers"]
+    rows = [[layer["name"], layer["type"], str(tuple(layer["output_shape"] or ())), layer["params"],
+             ref_layers[i] if len(clf["layers"]) == len(ref_layers) else None] for i, layer in enumerate(clf["layers"])]
+    rows.append(["total", "", "", clf["total"], REFERENCE["classifier_total"]])
+    b.append(("p", "The classifier (the reference counts BatchNorm as 4 x C, its moving statistics non-trainable):"))
+    b.append(_table(["layer", "type", "output (H, W, C)", "params (ours)", "params (reference)"], rows))
+
+    b.append(("h2", "3. Greedy layer-wise pre-training"))
+    rows = []
+    for stage in m["pretrain"]["stages"]:
+        ref = REFERENCE["stages"][stage["stage"] - 1] if stage["stage"] <= 3 else None
+        prm = stage["params"]
+        rows.append([f"#{stage['stage']}", f"{prm['total']:,} / {prm['trainable']:,} / {prm['non_trainable']:,}",
+                     "{:,} / {:,} / {:,}".format(*ref["params"]) if ref else None, stage["epochs"], stage["seconds"],
+                     ref["seconds"] if ref else None, stage["train_loss"], ref["train_loss"] if ref else None,
+                     stage["val_loss"]])
+    b.append(_table(["stage", "params total / trainable / non-trainable", "reference", "epochs", "seconds",
+                     "reference s (30 epochs)", "train MSE", "reference train MSE", "val MSE"], rows))
+    b.append(_table(["", "ours", "reference"], [["test reconstruction MSE (last stage)", m["pretrain"]["test_mse"],
+                                                 REFERENCE["test_mse"]]]))
+    b.append(("img", (fig / "reconstructions.png", "Test images and their reconstructions by each stage")))
+    b.append(("img", (fig / "pretrain-curves.png", "Autoencoder losses per epoch")))
+
+    b.append(("h2", "4. Fine-tuning: pre-trained against from scratch"))
+    target = m.get("target_accuracy")
+    b.append(("p", f"Target validation accuracy for epochs_to_target: {_fmt(target)} ({m.get('target_rule')}); "
+                   "both arms are measured the same way: the first epoch whose validation accuracy reaches it. "
+                   "The reference's 66 and 34 are its epochs trained."))
+    rows = []
+    for arm, r in m["finetune"].items():
+        ref = REFERENCE.get(arm, {})
+        rows.append([arm, r["test_loss"], ref.get("test_loss"), r["test_accuracy"], ref.get("test_accuracy"),
+                     r["best_val_accuracy"], r["best_epoch"], r["epochs"], r["epochs_to_target"], ref.get("epochs"),
+                     r["seconds"]])
+    b.append(_table(["arm", "test loss", "reference", "test accuracy", "reference", "best val acc", "best epoch",
+                     "epochs run", "epochs to target", "reference epochs", "seconds"], rows))
+    b.append(("img", (fig / "finetune-curves.png", "Accuracy and loss per epoch, both arms")))
+    arms = list(m["finetune"])
+    b.append(_table(["class", *[f"{a} accuracy" for a in arms]],
+                    [[c, *[m["finetune"][a]["per_class_accuracy"][c] for a in arms]] for c in d["classes"]]))
+    for arm in arms:
+        b.append(("img", (fig / f"confusion-{arm}.png", f"Confusion matrix on the test split, {arm} arm")))
+
+    b.append(("h2", "5. Prediction"))
+    rows = [[Path(r["image"]).name, r["true"], *[f"{t['class']} {t['probability']:.6g}" for t in r["top"]]]
+            for r in m.get("predictions", [])]
+    k = max((len(r["top"]) for r in m.get("predictions", [])), default=3)
+    rows.append(["reference: a Bombay cat", "Bombay", *[f"{c} {p:.6g}" for c, p in REFERENCE["prediction"]][:k]])
+    b.append(_table(["image", "true", *[f"top {i + 1}" for i in range(k)]], rows))
+    b.append(("img", (fig / "predictions.png", "Test images with their top classes")))
+    return b
+
+
+def _md(block: Block, out: Path) -> str:
+    kind, value = block
+    if kind == "h1":
+        return f"# {value}\n"
+    if kind == "h2":
+        return f"## {value}\n"
+    if kind == "p":
+        return f"{value}\n"
+    if kind == "img":
+        path, caption = value
+        return f"![{caption}]({path.relative_to(out)})\n\n*{caption}*\n"
+    header, rows = value
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def _html(block: Block) -> str:
+    kind, value = block
+    if kind in ("h1", "h2"):
+        return f"<{kind}>{html.escape(value)}</{kind}>"
+    if kind == "p":
+        parts = html.escape(value).split("**")
+        return "<p>" + "".join(f"<b>{s}</b>" if i % 2 else s for i, s in enumerate(parts)) + "</p>"
+    if kind == "img":
+        path, caption = value
+        data = base64.b64encode(path.read_bytes()).decode() if path.is_file() else ""
+        return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    header, rows = value
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+         "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;"
+         "text-align:right}th{background:#f3f3f3}img{max-width:100%}figcaption{font-size:12px;color:#666}")
+
+
+def write_report(out: str | Path) -> tuple[Path, Path]:
+    """Figures from metrics.json, then report.md and report.html in ``out``."""
+    out = Path(out)
+    m, data = _load(out, "metrics.json"), _load(out, "data.json")
+    fig = out / "figures"
+    figures.pretrain_curves(m["pretrain"]["stages"], fig / "pretrain-curves.png")
+    figures.finetune_curves(m["finetune"], m.get("target_accuracy"), fig / "finetune-curves.png")
+    for arm, r in m["finetune"].items():
+        figures.confusion(r["confusion"], data["classes"], f"{arm}: test accuracy {r['test_accuracy']:.4f}",
+                          fig / f"confusion-{arm}.png")
+    content = blocks(out)
+    md, page = out / "report.md", out / "report.html"
+    md.write_text("\n".join(_md(b, out) for b in content))
+    page.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(content[0][1])}</title>"
+                    f"<style>{STYLE}</style></head><body>" + "\n".join(_html(b) for b in content) + "</body></html>")
+    return md, page
