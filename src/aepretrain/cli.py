@@ -235,7 +235,7 @@ def quiet_libraries() -> None:
     for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     for message in (".*does not have many workers.*", ".*number of training batches.*", ".*LitLogger.*",
-                    ".*module\(s\) in eval mode.*"):
+                    r".*module\(s\) in eval mode.*"):
         warnings.filterwarnings("ignore", message=message)
 
 

@@ -1,0 +1,62 @@
+"""Shared test fixtures: tiny real data sets built on disk, and the shared sample where it exists."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("AEPRETRAIN_SHARED", REPO.parent / "shared"))
+PETS_SAMPLE = SHARED / "data" / "oxford-pets-sample"
+DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+FASHION = DEBIAN_FASHION if DEBIAN_FASHION.is_dir() else SHARED / "data" / "fashion-mnist"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["AEPRETRAIN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture
+def pets_sample() -> Path:
+    if not PETS_SAMPLE.is_dir():
+        pytest.skip(f"the shared Oxford-IIIT Pet sample is absent ({PETS_SAMPLE}): a user's machine has none")
+    return PETS_SAMPLE
+
+
+@pytest.fixture
+def fashion_root() -> Path:
+    if not (FASHION / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"Fashion-MNIST is absent ({DEBIAN_FASHION} and {FASHION}): apt-get install dataset-fashion-mnist")
+    return FASHION
+
+
+def photo(seed: int, size: tuple[int, int] = (40, 30), mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+def make_oxford(root: Path, breeds: dict[str, int], per_breed: int = 6, comments: bool = False) -> Path:
+    """A tiny data set in the official Oxford-IIIT Pet layout, with real JPEG files."""
+    (root / "images").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    trainval, test = [], []
+    for b, (breed, class_id) in enumerate(breeds.items()):
+        for i in range(1, per_breed + 1):
+            name = f"{breed}_{i}"
+            photo(b * 100 + i).save(root / "images" / f"{name}.jpg", "JPEG")
+            (trainval if i <= per_breed * 2 // 3 else test).append(f"{name} {class_id} 1 {class_id}")
+    header = ["#Image CLASS-ID SPECIES BREED ID", "#All images with 1st letter as captial are cat images"]
+    for name, lines in (("trainval.txt", trainval), ("test.txt", test), ("list.txt", trainval + test)):
+        (root / "annotations" / name).write_text("\n".join((header if comments else []) + lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def tiny_pets(tmp_path: Path) -> Path:
+    return make_oxford(tmp_path / "pets", {"Abyssinian": 1, "american_bulldog": 2, "Bengal": 6})

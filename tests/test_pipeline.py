@@ -1,0 +1,144 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aepretrain.checkpoints import load_classifier, load_encoder
+from aepretrain.cli import main
+from aepretrain.config import resolve
+from aepretrain.data import prepare
+from aepretrain.finetune import epochs_to_target
+from aepretrain.models import Autoencoder, build_encoder
+from aepretrain.pretrain import StageModule
+from aepretrain.training import loader, trainer
+
+from .conftest import photo
+
+TINY = ["--dataset", "synthetic", "--image-size", "16", "--quiet", "--precision", "32",
+        "--set", "pretrain.epochs=2", "--set", "finetune.epochs=3", "--set", "pretrain.batch_size=16",
+        "--set", "finetune.batch_size=16", "--set", "data.synthetic_per_class=24"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "r"
+    assert main(["run", "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_run_writes_every_key_file_and_figure(tiny_run: Path) -> None:
+    m = json.loads((tiny_run / "metrics.json").read_text())
+    assert {"train", "val", "test", "ae", "classes"} <= set(m["dataset"])
+    assert m["precision"] == "32" and m["preset"] == "quick"
+    stages = m["pretrain"]["stages"]
+    assert [s["stage"] for s in stages] == [1, 2, 3]
+    for s in stages:
+        assert {"epochs", "train_loss", "val_loss", "seconds", "params"} <= set(s) and s["epochs"] == 2
+        assert set(s["params"]) == {"total", "trainable", "non_trainable"}
+    assert m["pretrain"]["test_mse"] > 0
+    for arm in ("pretrained", "scratch"):
+        r = m["finetune"][arm]
+        assert {"test_loss", "test_accuracy", "best_val_accuracy", "epochs", "epochs_to_target", "seconds"} <= set(r)
+        assert 0 <= r["test_accuracy"] <= 1 and r["epochs"] == 3
+    assert m["target_accuracy"] == pytest.approx(0.95 * m["finetune"]["scratch"]["best_val_accuracy"])
+    for name in ("report.md", "report.html", "config.yaml", "data.json"):
+        assert (tiny_run / name).is_file()
+    for fig in ("samples", "reconstructions", "pretrain-curves", "finetune-curves", "confusion-pretrained",
+                "confusion-scratch", "predictions"):
+        assert Image.open(tiny_run / "figures" / f"{fig}.png").size[0] > 100
+    ckpts = tiny_run / "checkpoints"
+    for name in ("pretrain-stage1", "pretrain-stage2", "pretrain-stage3", "classifier-pretrained", "classifier-scratch"):
+        assert (ckpts / f"{name}.safetensors").is_file()
+    assert (tiny_run / "logs" / "scratch" / "metrics.csv").is_file()
+    assert list((tiny_run / "logs" / "stage1").glob("events.out.tfevents.*"))
+    html = (tiny_run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 7 and "1,128,997" in html and "0.6678" in html
+
+
+def test_predict_top3_sorted_and_summing_to_at_most_one(tiny_run: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    photo(5, size=(300, 200)).save(tmp_path / "cat.png")
+    ckpt = tiny_run / "checkpoints" / "classifier-pretrained.safetensors"
+    assert main(["predict", str(tmp_path / "cat.png"), "--checkpoint", str(ckpt), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    probs = [t["probability"] for t in rows[0]["top"]]
+    assert rows[0]["image"].endswith("cat.png") and len(probs) == 3
+    assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-9
+    assert {t["class"] for t in rows[0]["top"]} <= {f"pattern{k}" for k in range(4)}
+
+
+def test_predict_refuses_non_images_and_wrong_checkpoints(tiny_run: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    ckpt = tiny_run / "checkpoints" / "classifier-pretrained.safetensors"
+    assert main(["predict", str(tmp_path / "notes.txt"), "--checkpoint", str(ckpt)]) == 2
+    assert "not an image" in capsys.readouterr().err
+    stage = tiny_run / "checkpoints" / "pretrain-stage1.safetensors"
+    assert main(["predict", str(tmp_path / "notes.txt"), "--checkpoint", str(stage)]) == 2
+    assert "holds a autoencoder checkpoint; a classifier is needed" in capsys.readouterr().err.replace("an ", "a ")
+
+
+def test_checkpoints_load_into_the_classifier(tiny_run: Path) -> None:
+    clf, meta = load_classifier(tiny_run / "checkpoints" / "classifier-scratch.safetensors")
+    assert meta["classes"] == [f"pattern{k}" for k in range(4)] and meta["image_size"] == 16
+    assert clf(torch.rand(2, 3, 16, 16)).shape == (2, 4)
+    encoder, _ = load_encoder(tiny_run / "checkpoints" / "pretrain-stage3.safetensors")
+    stage_clf = load_classifier(tiny_run / "checkpoints" / "classifier-pretrained.safetensors")[0]
+    assert stage_clf.encoder.state_dict().keys() == encoder.state_dict().keys()
+
+
+def test_evaluate_command(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = tiny_run / "checkpoints" / "classifier-pretrained.safetensors"
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--out", str(tiny_run / "eval"), "--json", *TINY]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    m = json.loads((tiny_run / "metrics.json").read_text())
+    assert scores["test_accuracy"] == pytest.approx(m["finetune"]["pretrained"]["test_accuracy"])
+    assert len(scores["per_class_accuracy"]) == 4 and Path(scores["figure"]).is_file()
+
+
+def test_run_refuses_a_folder_holding_another_run(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--out", str(tiny_run), *TINY]) == 2
+    assert "already holds a run: pass --resume" in capsys.readouterr().err
+
+
+def test_report_rebuilds_from_the_run_folder(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tiny_run / "report.md").unlink()
+    assert main(["report", str(tiny_run)]) == 0
+    assert "## 3. Greedy layer-wise pre-training" in (tiny_run / "report.md").read_text()
+
+
+def test_frozen_blocks_do_not_change_during_a_later_stage(tmp_path: Path) -> None:
+    cfg = resolve("quick", **{"data.dataset": "synthetic", "data.image_size": 16, "trainer.progress": False,
+                              "trainer.precision": "32"})
+    bundle = prepare(cfg.data, 0)
+    encoder = build_encoder(cfg.model, 3, for_classifier=False)
+    for block in encoder.blocks:  # non-trivial statistics, so that a change would show
+        for m in block.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.fill_(0.3)
+    before = {k: v.clone() for k, v in encoder.blocks[:2].state_dict().items()}
+    stage3 = Autoencoder(encoder, 3)
+    fit = trainer(cfg, tmp_path, "stage3", 2, [])
+    fit.fit(StageModule(stage3, cfg, 4), loader(bundle.ae, 16, True, cfg))
+    after = encoder.blocks[:2].state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "blocks 1-2 changed while frozen"
+    assert not torch.equal(encoder.blocks[2].bn1.running_mean, torch.full_like(encoder.blocks[2].bn1.running_mean, 0.3))
+
+
+def test_epochs_to_target_is_the_first_epoch_reaching_it() -> None:
+    history = [{"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.8}, {"epoch": 3, "val_acc": 0.7},
+               {"epoch": 4, "val_acc": 0.9}]
+    assert epochs_to_target(history, 0.8) == 2
+    assert epochs_to_target(history, 0.85) == 4
+    assert epochs_to_target(history, 0.95) is None
+
+
+def test_seed_preset_smoke_runs_on_the_cpu(tmp_path: Path) -> None:
+    assert main(["run", "--preset", "seed", "--smoke", "--dataset", "synthetic", "--quiet",
+                 "--out", str(tmp_path / "seed")]) == 0
+    m = json.loads((tmp_path / "seed" / "metrics.json").read_text())
+    assert m["pretrain"]["stages"][2]["params"]["total"] == 3_148_803
+    assert np.isfinite(m["finetune"]["scratch"]["test_loss"])
