@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,17 +21,18 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 
-from .checkpoints import save_model
+from .checkpoints import load_weights, read_checkpoint, save_model
 from .config import Config
 from .data import DataBundle
 from .models import Classifier, Encoder, build_encoder
-from .training import History, augmenter, loader, scheduler, steps_per_epoch, to_float, trainer
+from .training import (History, augmenter, check_finite, last_checkpoint, loader, read_done, scheduler,
+                       steps_per_epoch, to_float, trainer, write_json)
 
 
 class ClassifierModule(L.LightningModule):
-    def __init__(self, classifier: Classifier, cfg: Config, steps: int) -> None:
+    def __init__(self, classifier: Classifier, cfg: Config, steps: int, out: Path, name: str) -> None:
         super().__init__()
-        self.classifier, self.cfg, self.steps = classifier, cfg, steps
+        self.classifier, self.cfg, self.steps, self.out, self.name = classifier, cfg, steps, out, name
         self.augment = augmenter(cfg.augment)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,9 @@ class ClassifierModule(L.LightningModule):
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        check_finite(loss, self, self.name, self.out, batch_idx)
+        return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._step(batch, "val")
@@ -101,6 +103,7 @@ class ArmResult:
     best_val_accuracy: float
     best_epoch: int
     seconds: float
+    resumed_from: int | None = None  # the epoch a resumed fit continued after
 
 
 def epochs_to_target(history: list[dict[str, float]], target: float) -> int | None:
@@ -120,7 +123,7 @@ def new_classifier(cfg: Config, bundle: DataBundle, encoder: Encoder | None) -> 
     L.seed_everything(cfg.seed, verbose=False)  # the head starts the same in both arms
     classifier = Classifier(build_encoder(cfg.model, bundle.channels, True), len(bundle.classes), cfg.model.dropout)
     if encoder is not None:
-        classifier.encoder.load_state_dict(encoder.state_dict())
+        load_weights(classifier.encoder, encoder.state_dict(), "the pre-trained encoder")
     classifier.requires_grad_(True)
     return classifier
 
@@ -131,23 +134,31 @@ def finetune(cfg: Config, bundle: DataBundle, out: Path, init: str, encoder: Enc
     if init == "pretrained" and encoder is None:
         raise ValueError("the pretrained arm needs the pre-trained encoder")
     classifier = new_classifier(cfg, bundle, encoder if init == "pretrained" else None)
+    path = classifier_path(out, init)
+    record = read_done(path.with_suffix(".json"), resume)
+    if record is not None:  # finished before the interruption
+        load_weights(classifier, read_checkpoint(path, "classifier")[0], path)
+        return ArmResult(init, classifier, record["history"], record["best_val_accuracy"], record["best_epoch"],
+                         record["seconds"], record["resumed_from"])
     if cfg.trainer.channels_last:
         classifier.to(memory_format=torch.channels_last)
     f = cfg.finetune
-    module = ClassifierModule(classifier, cfg, steps_per_epoch(len(bundle.train), f.batch_size))
-    history, best = History(), KeepBest()
+    module = ClassifierModule(classifier, cfg, steps_per_epoch(len(bundle.train), f.batch_size), out, init)
+    history, best = History(cfg.seed), KeepBest()
     callbacks: list[Callback] = [best, history]
     if f.early_stopping_patience is not None:
         callbacks.append(EarlyStopping("val_acc", mode="max", patience=f.early_stopping_patience))
     fit = trainer(cfg, out, init, f.epochs, callbacks)
-    last = out / "checkpoints" / "resume" / init / "last.ckpt"
-    L.seed_everything(cfg.seed, verbose=False)  # the same augmentation draws and data order in both arms
-    started = time.perf_counter()
     fit.fit(module, loader(bundle.train, f.batch_size, True, cfg, drop_last=True),
-            loader(bundle.val, f.batch_size, False, cfg), ckpt_path=last if resume and last.is_file() else None)
-    seconds = time.perf_counter() - started
+            loader(bundle.val, f.batch_size, False, cfg), ckpt_path=last_checkpoint(out, init, resume),
+            weights_only=True)
     if best.state is not None:
         classifier.load_state_dict(best.state)
-    save_model(classifier, classifier_path(out, init), "classifier", cfg, bundle.channels,
+    save_model(classifier, path, "classifier", cfg, bundle.channels,
                {"classes": bundle.classes, "arm": init, "best_epoch": best.best_epoch})
-    return ArmResult(init, classifier, history.epochs, best.best_accuracy, best.best_epoch, round(seconds, 2))
+    result = ArmResult(init, classifier, history.epochs, best.best_accuracy, best.best_epoch, history.seconds(),
+                       history.resumed_from)
+    write_json(path.with_suffix(".json"), {"history": result.history, "best_val_accuracy": result.best_val_accuracy,
+                                           "best_epoch": result.best_epoch, "seconds": result.seconds,
+                                           "resumed_from": result.resumed_from})
+    return result

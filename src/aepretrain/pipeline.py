@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from .finetune import ArmResult, classifier_path, epochs_to_target, finetune
 from .models import Encoder
 from .predict import top_k
 from .pretrain import PretrainResult, pretrain, reconstruct, stage_path
-from .training import resolved_precision, set_threads
+from .training import resolved_precision, set_threads, write_json
 
 RUN_MARKER = "config.yaml"
 
@@ -63,12 +62,6 @@ def run_folder(out: str | Path, resume: bool, overwrite: bool) -> Path:
         raise UserError(f"{out} is not empty and holds no aepretrain run: choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
 
 
 def _nhwc(x: torch.Tensor) -> np.ndarray:
@@ -117,6 +110,7 @@ def _finetune(cfg: Config, bundle: DataBundle, out: Path, metrics: dict[str, Any
         "best_val_accuracy": arm.best_val_accuracy, "best_epoch": arm.best_epoch, "epochs": len(arm.history),
         "epochs_to_target": None, "seconds": arm.seconds, "per_class_accuracy": scores["per_class_accuracy"],
         "confusion": scores["confusion"], "history": arm.history, "checkpoint": str(classifier_path(out, init)),
+        "resumed_from": arm.resumed_from,
     }
     write_json(out / "metrics.json", metrics)
     return arm

@@ -11,7 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,20 +19,22 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import save_model
+from .checkpoints import load_weights, read_checkpoint, save_model
 from .config import Config
 from .data import DataBundle
 from .data.splits import stratified_split
 from .models import Autoencoder, Encoder, build_encoder, summarize
-from .training import History, loader, scheduler, steps_per_epoch, to_float, trainer
+from .training import (History, check_finite, last_checkpoint, loader, read_done, scheduler, steps_per_epoch,
+                       to_float, trainer, write_json)
 
 
 class StageModule(L.LightningModule):
     """One greedy stage: pixel MSE, Adam over the trainable (unfrozen) parameters only."""
 
-    def __init__(self, autoencoder: Autoencoder, cfg: Config, steps: int) -> None:
+    def __init__(self, autoencoder: Autoencoder, cfg: Config, steps: int, out: Path) -> None:
         super().__init__()
-        self.autoencoder, self.cfg, self.steps = autoencoder, cfg, steps
+        self.autoencoder, self.cfg, self.steps, self.out = autoencoder, cfg, steps, out
+        self.name = f"stage{autoencoder.stage}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.autoencoder(x)
@@ -47,6 +48,7 @@ class StageModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch[0])
+        check_finite(loss, self, self.name, self.out, batch_idx)
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch[0]))
         return loss
 
@@ -89,25 +91,31 @@ def pretrain(cfg: Config, bundle: DataBundle, out: Path, resume: bool = False) -
         autoencoder = Autoencoder(encoder, stage)
         if cfg.trainer.channels_last:
             autoencoder.to(memory_format=torch.channels_last)
-        module = StageModule(autoencoder, cfg, steps_per_epoch(len(ae_train), batch))
-        history = History()
-        fit = trainer(cfg, out, f"stage{stage}", cfg.pretrain.epochs, [history])
-        last = out / "checkpoints" / "resume" / f"stage{stage}" / "last.ckpt"
-        started = time.perf_counter()
-        fit.fit(module, loader(ae_train, batch, True, cfg, drop_last=True), loader(ae_val, batch, False, cfg),
-                ckpt_path=last if resume and last.is_file() else None)
-        seconds = time.perf_counter() - started
-        save_model(autoencoder, stage_path(out, stage), "autoencoder", cfg, bundle.channels, {"stage": stage})
-        final = history.epochs[-1] if history.epochs else {}
+        module = StageModule(autoencoder, cfg, steps_per_epoch(len(ae_train), batch), out)
+        fit = None
+        record = read_done(stage_path(out, stage).with_suffix(".json"), resume)
+        if record is not None:  # finished before the interruption: its weights, not a second training
+            load_weights(autoencoder, read_checkpoint(stage_path(out, stage), "autoencoder")[0], stage_path(out, stage))
+        else:
+            history = History(cfg.seed)
+            fit = trainer(cfg, out, module.name, cfg.pretrain.epochs, [history])
+            fit.fit(module, loader(ae_train, batch, True, cfg, drop_last=True), loader(ae_val, batch, False, cfg),
+                    ckpt_path=last_checkpoint(out, module.name, resume), weights_only=True)
+            save_model(autoencoder, stage_path(out, stage), "autoencoder", cfg, bundle.channels, {"stage": stage})
+            final = history.epochs[-1] if history.epochs else {}
+            record = {
+                "stage": stage, "epochs": len(history.epochs), "train_loss": final.get("train_loss"),
+                "val_loss": final.get("val_loss"), "seconds": history.seconds(), "resumed_from": history.resumed_from,
+                "history": history.epochs,
+                "params": {k: v for k, v in summarize(autoencoder, shape).items() if k != "layers"},
+            }
+            write_json(stage_path(out, stage).with_suffix(".json"), record)
         result.autoencoders.append(autoencoder)
-        result.stages.append({
-            "stage": stage, "epochs": len(history.epochs), "train_loss": final.get("train_loss"),
-            "val_loss": final.get("val_loss"), "seconds": round(seconds, 2), "history": history.epochs,
-            "params": {k: v for k, v in summarize(autoencoder, shape).items() if k != "layers"},
-        })
-        if stage == len(cfg.model.blocks):
-            tested = fit.test(module, loader(bundle.test, batch, False, cfg), verbose=False)
-            result.test_mse = float(tested[0]["test_mse"])
+        result.stages.append(record)
+    last = result.autoencoders[-1]
+    tester = trainer(cfg, out, "test", 1, [])
+    tested = tester.test(StageModule(last, cfg, 1, out), loader(bundle.test, batch, False, cfg), verbose=False)
+    result.test_mse = float(tested[0]["test_mse"])
     return result
 
 

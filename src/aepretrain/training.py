@@ -6,8 +6,11 @@ it trains on (kornia), so the loop does no per-image Python work beyond indexing
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +19,13 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import AugmentConfig, Config
 from .data.base import Labelled
+from .errors import UserError
 
 
 class ImageDataset(Dataset):
@@ -37,10 +42,31 @@ class ImageDataset(Dataset):
         return self.images[i], self.labels[i]
 
 
+class EpochShuffle(Sampler[int]):
+    """A random order that depends only on (seed, epoch): a resumed run sees the same order as an unbroken one."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
+def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
+    return (seed * 1_000_003 + epoch * 7919 + salt) % (2**63)
+
+
 def loader(data: Labelled, batch_size: int, shuffle: bool, cfg: Config, drop_last: bool = False) -> DataLoader:
-    generator = torch.Generator().manual_seed(cfg.seed)  # data order fixed by the seed
-    return DataLoader(ImageDataset(data), batch_size=min(batch_size, max(1, len(data))), shuffle=shuffle,
-                      drop_last=drop_last and len(data) > batch_size, generator=generator,
+    return DataLoader(ImageDataset(data), batch_size=min(batch_size, max(1, len(data))),
+                      sampler=EpochShuffle(len(data), cfg.seed) if shuffle else None,
+                      drop_last=drop_last and len(data) > batch_size,
                       num_workers=cfg.trainer.num_workers, pin_memory=torch.cuda.is_available(),
                       persistent_workers=cfg.trainer.num_workers > 0)
 
@@ -87,15 +113,24 @@ def resolved_precision(requested: str, device: str) -> str:
 
 
 class History(Callback):
-    """Per-epoch metrics, as plain floats, kept in the checkpoint so a resumed run has them all."""
+    """Per-epoch metrics and seconds, as plain floats, kept in the checkpoint so a resumed run has them all.
 
-    def __init__(self) -> None:
+    It also reseeds the global random generator at the start of each epoch from (seed, epoch), so
+    augmentation and dropout draw the same numbers in a resumed run as in an unbroken one.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
         self.epochs: list[dict[str, float]] = []
+        self.resumed_from: int | None = None
+        self._started = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        torch.manual_seed(epoch_seed(self.seed, trainer.current_epoch, salt=1) + trainer.global_rank)
+        self._started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        row = {"epoch": trainer.current_epoch + 1}
+        row = {"epoch": trainer.current_epoch + 1, "seconds": round(time.perf_counter() - self._started, 3)}
         row |= {k: float(v) for k, v in trainer.callback_metrics.items() if not k.endswith("_step")}
         self.epochs.append({k.removesuffix("_epoch"): v for k, v in row.items()})
 
@@ -104,6 +139,33 @@ class History(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epochs = state["epochs"]
+        self.resumed_from = len(self.epochs)  # only a resumed fit loads a state
+
+    def seconds(self) -> float:
+        return round(sum(row["seconds"] for row in self.epochs), 2)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written to a temporary file, then renamed: a kill or a full disk mid-write
+    leaves the previous checkpoint whole."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"could not write checkpoint {path}: {exc.strerror or exc}; "
+                            "the previous checkpoint is intact (--resume continues from it)") from None
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
 
 
 def trainer(cfg: Config, out: Path, name: str, epochs: int, callbacks: list[Callback]) -> L.Trainer:
@@ -112,17 +174,48 @@ def trainer(cfg: Config, out: Path, name: str, epochs: int, callbacks: list[Call
     logs = out / "logs"
     smoke = {"limit_train_batches": 2, "limit_val_batches": 2, "limit_test_batches": 2} if t.smoke else {}
     devices: Any = t.devices if t.devices == "auto" else (int(t.devices) if t.devices.isdigit() else t.devices)
-    resume_ckpt = ModelCheckpoint(dirpath=out / "checkpoints" / "resume" / name, filename="last",
-                                  save_last=False, save_top_k=1, every_n_epochs=1, enable_version_counter=False)
+    resume_ckpt = ModelCheckpoint(dirpath=resume_dir(out, name), filename="last", save_top_k=1, every_n_epochs=1,
+                                  save_on_train_epoch_end=True, enable_version_counter=False)
     bars = [TQDMProgressBar(leave=True)] if t.progress else []
     return L.Trainer(
         accelerator=t.device, devices=devices, num_nodes=t.num_nodes, strategy=t.strategy,
         sync_batchnorm=t.sync_batchnorm, precision=resolved_precision(t.precision, t.device),
         max_epochs=epochs, gradient_clip_val=t.gradient_clip_val, deterministic=False,
         logger=[CSVLogger(logs, name=name, version=""), TensorBoardLogger(logs, name=name, version="")],
-        callbacks=[*callbacks, resume_ckpt, *bars], enable_progress_bar=t.progress,
+        callbacks=[*callbacks, resume_ckpt, *bars], enable_progress_bar=t.progress, plugins=[AtomicCheckpointIO()],
         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10, **smoke,
     )
+
+
+def resume_dir(out: Path, name: str) -> Path:
+    return out / "checkpoints" / "resume" / name
+
+
+def last_checkpoint(out: Path, name: str, resume: bool) -> Path | None:
+    path = resume_dir(out, name) / "last.ckpt"
+    return path if resume and path.is_file() else None
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Written whole or not at all: a temporary file, then a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
+def read_done(path: Path, resume: bool) -> dict[str, Any] | None:
+    """The record of a finished stage or arm, when resuming and it exists."""
+    return json.loads(path.read_text()) if resume and path.is_file() else None
+
+
+def check_finite(loss: torch.Tensor, module: L.LightningModule, name: str, out: Path, batch_idx: int) -> None:
+    """Stop at the first NaN or infinite loss, saying where and which checkpoint is the last good one."""
+    if not torch.isfinite(loss):
+        last = resume_dir(out, name) / "last.ckpt"
+        where = f"the last good checkpoint is {last} (--resume continues from it)" if last.is_file() else \
+            "no epoch finished, so there is no checkpoint yet"
+        raise UserError(f"{name}: the loss became {float(loss)} at epoch {module.current_epoch + 1}, step "
+                        f"{batch_idx + 1}; {where}. Lower the learning rate or set trainer.gradient_clip_val")
 
 
 def set_threads() -> None:
