@@ -41,9 +41,10 @@ def save_model(model: nn.Module, path: str | Path, kind: str, cfg: Config, in_ch
     try:
         save_file(state, str(tmp), metadata=meta)
         os.replace(tmp, path)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # safetensors reports I/O errors (a full disk) as its own type
         tmp.unlink(missing_ok=True)
-        raise UserError(f"could not write {path}: {exc.strerror or exc} (the previous file is untouched)") from None
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise UserError(f"could not write {path}: {reason} (the previous file is untouched)") from None
     return path
 
 

@@ -21,7 +21,7 @@ COMMON = {  # flag -> dotted setting
 
 
 def _settings(p: argparse.ArgumentParser, training: bool = True) -> None:
-    p.add_argument("--preset", default="quick", help="named settings: quick (default), pets-sample, seed")
+    p.add_argument("--preset", help="named settings: quick (default), pets-sample, seed")
     p.add_argument("--config", metavar="FILE", help="a YAML file of settings that override the preset")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting by its dotted key, e.g. finetune.epochs=3 (repeatable)")
@@ -47,13 +47,27 @@ def _out(p: argparse.ArgumentParser, default: str | None = None) -> None:
 
 
 def resolve_args(args: argparse.Namespace) -> Any:
-    from .config import resolve
+    """The settings: preset, --config, --set, then flags; a resumed run takes the ones it was started with."""
+    from .config import differences, from_dict, resolve
 
     flags = {key: getattr(args, flag, None) for flag, key in COMMON.items()}
     flags["trainer.smoke"] = getattr(args, "smoke", None)
+    cfg = resolve(args.preset or "quick", args.config, args.set, **flags)
+    saved = Path(getattr(args, "out", None) or "") / "config.yaml"
+    if getattr(args, "resume", False) and saved.is_file():
+        import yaml
+
+        previous = from_dict(yaml.safe_load(saved.read_text()), str(saved))
+        given = args.preset or args.config or args.set or any(v is not None for v in flags.values())
+        changed = differences(previous, cfg, ignore={"trainer.progress"})
+        if given and changed:
+            key, old, new = changed[0]
+            raise UserError(f"--resume: {saved.parent} ran with {key}={old!r}, not {new!r}; resume with the "
+                            "same settings, or with none to take the saved ones")
+        cfg = previous
     if getattr(args, "quiet", False):
-        flags["trainer.progress"] = False
-    return resolve(args.preset, args.config, args.set, **flags)
+        cfg.trainer.progress = False
+    return cfg
 
 
 def cmd_data(args: argparse.Namespace) -> None:

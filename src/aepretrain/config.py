@@ -181,6 +181,11 @@ def _coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
             if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
                 raise UserError(f"{where}: {key} must be a whole number, got {value!r}")
             if kind is float:
+                if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+                    try:
+                        return float(value)
+                    except ValueError:
+                        pass
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise UserError(f"{where}: {key} must be a number, got {value!r}")
                 return float(value)
@@ -294,6 +299,18 @@ def from_dict(values: dict[str, Any], where: str = "saved settings") -> Config:
     _merge(cfg, values, "", where)
     _validate(cfg)
     return cfg
+
+
+def differences(a: Config, b: Config, ignore: set[str] = frozenset()) -> list[tuple[str, Any, Any]]:
+    """(dotted key, value in a, value in b) for every setting that differs."""
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+        return out
+
+    fa, fb = flat(a.to_dict()), flat(b.to_dict())
+    return [(k, fa[k], fb.get(k)) for k in fa if k not in ignore and fa[k] != fb.get(k)]
 
 
 def save(cfg: Config, path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,7 +166,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                             "the previous checkpoint is intact (--resume continues from it)") from None
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        return torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot load checkpoint {path} safely: {first[:200]}") from None
 
 
 def trainer(cfg: Config, out: Path, name: str, epochs: int, callbacks: list[Callback]) -> L.Trainer:

@@ -1,0 +1,169 @@
+"""Resume after SIGKILL, determinism, bad inputs refused in one line, safe checkpoint loading, full disks."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from aepretrain.cli import main
+
+TINY = ["--dataset", "synthetic", "--image-size", "32", "--quiet", "--precision", "32",
+        "--set", "pretrain.epochs=4", "--set", "finetune.epochs=3", "--set", "pretrain.batch_size=16",
+        "--set", "finetune.batch_size=16", "--set", "data.synthetic_per_class=64"]
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "aepretrain", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def numbers(out: Path) -> dict:
+    """metrics.json without what legitimately differs between runs: timings and resume bookkeeping."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in ("seconds", "resumed_from", "checkpoint")}
+        return [strip(v) for v in x] if isinstance(x, list) else x
+    return strip(json.loads((out / "metrics.json").read_text()))
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("unbroken") / "run"
+    assert main(["run", "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_same_seed_same_metrics(unbroken: Path, tmp_path: Path) -> None:
+    assert main(["run", "--out", str(tmp_path / "again"), *TINY]) == 0
+    assert numbers(tmp_path / "again") == numbers(unbroken)
+    assert main(["run", "--out", str(tmp_path / "other"), *TINY, "--seed", "1"]) == 0
+    assert numbers(tmp_path / "other") != numbers(unbroken)
+
+
+def test_sigkill_in_stage2_then_resume_equals_an_unbroken_run(unbroken: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "aepretrain", "run", "--out", str(out), *TINY],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stage2 = out / "checkpoints" / "resume" / "stage2" / "last.ckpt"
+    deadline = time.time() + 240
+    while not stage2.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoints" / "pretrain-stage2.safetensors").exists(), "killed too late: stage 2 finished"
+    stage1 = out / "checkpoints" / "pretrain-stage1.safetensors"
+    stage1_written = stage1.stat().st_mtime_ns
+
+    refused = cli("run", "--out", str(out), *TINY)
+    assert refused.returncode == 2 and "already holds a run" in refused.stderr
+    resumed = cli("run", "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert stage1.stat().st_mtime_ns == stage1_written, "stage 1 was trained again"
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["pretrain"]["stages"][0]["resumed_from"] is None
+    assert m["pretrain"]["stages"][1]["resumed_from"] >= 1  # continued after its last finished epoch
+    assert numbers(out) == numbers(unbroken)
+
+
+def test_resume_with_other_settings_is_refused(unbroken: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--out", str(unbroken), "--resume", *TINY, "--seed", "7"]) == 2
+    assert "ran with seed=0, not 7" in capsys.readouterr().err
+
+
+def test_a_pickle_payload_in_a_checkpoint_does_not_run(unbroken: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = pickle.dumps({"state_dict": Payload()})
+    out = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(unbroken), str(out)], check=True)
+    for name in ("pretrain-stage1.json", "pretrain-stage2.json", "pretrain-stage3.json"):
+        (out / "checkpoints" / name).unlink()
+    (out / "checkpoints" / "resume" / "stage1" / "last.ckpt").write_bytes(evil)
+    result = cli("run", "--out", str(out), "--resume")
+    assert result.returncode == 2 and "cannot load checkpoint" in result.stderr and "safely" in result.stderr
+    assert "Traceback" not in result.stderr
+    (tmp_path / "evil.safetensors").write_bytes(evil)
+    (tmp_path / "evil.png").write_bytes(b"")
+    result = cli("predict", str(tmp_path / "evil.png"), "--checkpoint", str(tmp_path / "evil.safetensors"))
+    assert result.returncode == 2 and "is not an aepretrain checkpoint" in result.stderr
+    assert not marker.exists(), "the pickle payload ran"
+
+
+def test_a_full_disk_during_a_checkpoint_write_keeps_the_previous_one(unbroken: Path, tmp_path: Path) -> None:
+    """RLIMIT_FSIZE makes the kernel refuse writes past a size: a real write failure, no mock."""
+    ckpt = unbroken / "checkpoints" / "classifier-scratch.safetensors"
+    target = tmp_path / "clf.safetensors"
+    target.write_bytes(ckpt.read_bytes())
+    script = textwrap.dedent(f"""
+        import resource, signal
+        from aepretrain.checkpoints import load_classifier, save_model
+        from aepretrain.errors import UserError
+        from aepretrain.training import AtomicCheckpointIO
+        model, meta = load_classifier({str(target)!r})
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        for write in (lambda: save_model(model, {str(target)!r}, "classifier", meta["config"], 3,
+                                         {{"classes": meta["classes"]}}),
+                      lambda: AtomicCheckpointIO().save_checkpoint({{"w": model.state_dict()}}, {str(tmp_path / "last.ckpt")!r})):
+            try:
+                write()
+                print("NO ERROR")
+            except UserError as exc:
+                print("USERERROR", exc)
+    """)
+    (tmp_path / "last.ckpt").write_bytes(b"previous")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("USERERROR") for line in lines), result.stdout + result.stderr
+    assert "the previous" in lines[0] and "previous checkpoint is intact" in lines[1]
+    assert (tmp_path / "last.ckpt").read_bytes() == b"previous"
+    assert not list(tmp_path.glob("*.tmp"))
+    assert main(["predict", str(Path(__file__)), "--checkpoint", str(target)]) == 2  # loads; refuses the .py
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--preset", "quik"], "unknown preset 'quik' (closest valid: quick)"),
+    (["run", "--set", "finetune.epoch=3"], "unknown setting 'finetune.epoch'"),
+    (["run", "--dataset", "folder"], "the folder data set needs --root DIR"),
+    (["predict", "/nonexistent.jpg", "--checkpoint", "/nonexistent.safetensors"], "checkpoint not found"),
+])
+def test_bad_inputs_one_line_nonzero_no_traceback(args: list[str], message: str, tmp_path: Path) -> None:
+    result = cli(*args, "--out", str(tmp_path / "o")) if args[0] == "run" else cli(*args)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_empty_data_root_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    assert main(["data", "--dataset", "folder", "--root", str(tmp_path / "empty")]) == 2
+    assert "no files in" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_shape_names_the_layer(unbroken: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    encoder = unbroken / "checkpoints" / "pretrain-stage3.safetensors"
+    args = ["finetune", "--init", "pretrained", "--encoder", str(encoder), "--out", str(tmp_path / "f"),
+            "--preset", "pets-sample", "--dataset", "synthetic", "--image-size", "32", "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this model: layer 'blocks.0.conv1.weight' has shape (16, 3, 5, 5) in the checkpoint, " \
+        "(32, 3, 7, 7) here" in err
+
+
+def test_nan_loss_stops_with_stage_epoch_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["pretrain", "--out", str(tmp_path / "nan"), *TINY, "--set", "pretrain.lr=1e30", "--set",
+            "pretrain.epochs=3"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "stage1: the loss became" in err and "at epoch" in err and "step" in err
