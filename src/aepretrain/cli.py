@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 from . import __version__
 from .errors import UserError
 
+TRAINING_COMMANDS = ("run", "pretrain", "finetune", "evaluate", "bench")
 COMMON = {  # flag -> dotted setting
     "dataset": "data.dataset", "root": "data.root", "seed": "seed", "precision": "trainer.precision",
     "device": "trainer.device", "devices": "trainer.devices", "num_nodes": "trainer.num_nodes",
@@ -183,6 +185,16 @@ def cmd_download(args: argparse.Namespace) -> None:
     print(f"Oxford-IIIT Pet is in {root}: use --dataset oxford-pets --root {root}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import bench, table
+
+    cfg = resolve_args(args)
+    precisions = args.precisions.split(",") if args.precisions else None
+    report = bench(cfg, args.size or cfg.data.image_size, args.batch or cfg.finetune.batch_size, precisions,
+                   args.warmup, args.steps, args.models.split(",") if args.models else None)
+    print(json.dumps(report, indent=2) if args.json else table(report))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aepretrain", description="Greedy layer-wise convolutional autoencoder pre-training for CNN "
@@ -233,6 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=cmd_predict)
 
+    p = sub.add_parser("bench", help="images per second of the train step, the whole loop and inference, "
+                       "against the machine's matmul rate")
+    _settings(p)
+    p.add_argument("--size", type=int, help="image size (default: the preset's)")
+    p.add_argument("--batch", type=int, help="batch size (default: the preset's fine-tuning batch)")
+    p.add_argument("--precisions", help="comma-separated, e.g. 32,bf16-mixed (default: 32 and the fastest)")
+    p.add_argument("--models", help="comma-separated subset of classifier,stage1,stage2,... (default: all)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10, help="timed steps; the median counts")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=cmd_bench)
+
     p = sub.add_parser("report", help="rebuild report.md and report.html from a run folder")
     p.add_argument("dir", metavar="DIR")
     p.set_defaults(handler=cmd_report)
@@ -253,8 +277,26 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
+TCMALLOC = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
+            "/usr/lib64/libtcmalloc_minimal.so.4", "/usr/lib/libtcmalloc_minimal.so.4")
+
+
+def use_fast_allocator() -> None:
+    """Restart once under tcmalloc when it is installed: +20 % on CPU training steps here, as PyTorch's
+    own CPU launcher (torch.backends.xeon.run_cpu) does. AEPRETRAIN_ALLOCATOR=default turns it off."""
+    if os.environ.get("AEPRETRAIN_ALLOCATOR") == "default" or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
+        return
+    library = next((path for path in TCMALLOC if os.path.exists(path)), None)
+    if library is None:
+        return
+    env = dict(os.environ, LD_PRELOAD=" ".join(filter(None, [os.environ.get("LD_PRELOAD"), library])))
+    os.execve(sys.executable, [sys.executable, "-m", "aepretrain", *sys.argv[1:]], env)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in TRAINING_COMMANDS:
+        use_fast_allocator()
     quiet_libraries()
     try:
         args.handler(args)

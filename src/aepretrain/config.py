@@ -100,7 +100,6 @@ class TrainerConfig:
     sync_batchnorm: bool = False
     gradient_clip_val: float | None = None
     channels_last: bool = True
-    compile: bool = False
     num_workers: int = 0  # data is decoded in memory; workers rarely pay off
     progress: bool = True
     smoke: bool = False  # a few batches, one epoch: proves a preset runs end to end

@@ -25,8 +25,8 @@ from .checkpoints import load_weights, read_checkpoint, save_model
 from .config import Config
 from .data import DataBundle
 from .models import Classifier, Encoder, build_encoder
-from .training import (History, augmenter, check_finite, last_checkpoint, loader, read_done, scheduler,
-                       steps_per_epoch, to_float, trainer, write_json)
+from .training import (History, augmenter, check_finite, last_checkpoint, loader, log_samples, read_done,
+                       scheduler, steps_per_epoch, to_float, trainer, write_json)
 
 
 class ClassifierModule(L.LightningModule):
@@ -62,6 +62,7 @@ class ClassifierModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self._step(batch, "train")
         check_finite(loss, self, self.name, self.out, batch_idx)
+        log_samples(self, len(batch[1]))
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

@@ -30,7 +30,7 @@ from .finetune import ArmResult, classifier_path, epochs_to_target, finetune
 from .models import Encoder
 from .predict import top_k
 from .pretrain import PretrainResult, pretrain, reconstruct, stage_path
-from .training import resolved_precision, set_threads, write_json
+from .training import is_global_zero, resolved_precision, set_threads, write_json
 
 RUN_MARKER = "config.yaml"
 
@@ -76,11 +76,13 @@ def _metrics(out: Path) -> dict[str, Any]:
 def _start(cfg: Config, out: Path, resume: bool, overwrite: bool) -> tuple[Path, DataBundle, dict[str, Any]]:
     """Open the run folder, save the settings, prepare and describe the data."""
     set_threads()
-    out = run_folder(out, resume, overwrite)
-    config_module.save(cfg, out / RUN_MARKER)
+    main = is_global_zero()
+    if main:  # other DDP processes start once the first has set the folder up
+        out = run_folder(out, resume, overwrite)
+        config_module.save(cfg, out / RUN_MARKER)
     bundle = prepare(cfg.data, cfg.seed)
     labels_required(bundle)
-    write_json(out / "data.json", describe(bundle, out / "figures" / "samples.png"))
+    write_json(out / "data.json", describe(bundle, out / "figures" / "samples.png" if main else None))
     metrics = _metrics(out) | {
         "preset": cfg.preset, "seed": cfg.seed, "smoke": cfg.trainer.smoke,
         "precision": resolved_precision(cfg.trainer.precision, cfg.trainer.device),
@@ -97,7 +99,8 @@ def _pretrain(cfg: Config, bundle: DataBundle, out: Path, metrics: dict[str, Any
     shown = bundle.test.take(np.arange(min(6, len(bundle.test))))
     originals = torch.from_numpy(shown.images).permute(0, 3, 1, 2).float() / 255
     recon = reconstruct(pre.autoencoders, originals)
-    figures.reconstructions(_nhwc(originals), [_nhwc(r) for r in recon], out / "figures" / "reconstructions.png")
+    if is_global_zero():
+        figures.reconstructions(_nhwc(originals), [_nhwc(r) for r in recon], out / "figures" / "reconstructions.png")
     return pre
 
 
@@ -179,7 +182,8 @@ def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = Fa
     rows = top_k(arm.classifier, bundle.classes, shown.images, cfg.predict.top_k)
     metrics["predictions"] = [{"image": name, "true": bundle.classes[label], "arm": arm.init, "top": top}
                               for name, label, top in zip(shown.names, shown.labels, rows)]
-    figures.predictions(shown.images, metrics["predictions"], out / "figures" / "predictions.png")
     write_json(out / "metrics.json", metrics)
-    write_report(out)
+    if is_global_zero():
+        figures.predictions(shown.images, metrics["predictions"], out / "figures" / "predictions.png")
+        write_report(out)
     return metrics

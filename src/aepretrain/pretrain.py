@@ -24,8 +24,8 @@ from .config import Config
 from .data import DataBundle
 from .data.splits import stratified_split
 from .models import Autoencoder, Encoder, build_encoder, summarize
-from .training import (History, check_finite, last_checkpoint, loader, read_done, scheduler, steps_per_epoch,
-                       to_float, trainer, write_json)
+from .training import (History, check_finite, last_checkpoint, loader, log_samples, read_done, scheduler,
+                       steps_per_epoch, to_float, trainer, write_json)
 
 
 class StageModule(L.LightningModule):
@@ -50,6 +50,7 @@ class StageModule(L.LightningModule):
         loss = self._loss(batch[0])
         check_finite(loss, self, self.name, self.out, batch_idx)
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch[0]))
+        log_samples(self, len(batch[0]))
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

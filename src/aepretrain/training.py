@@ -18,6 +18,7 @@ from typing import Any
 import kornia.augmentation as K
 import lightning as L
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -201,8 +202,20 @@ def last_checkpoint(out: Path, name: str, resume: bool) -> Path | None:
     return path if resume and path.is_file() else None
 
 
+def log_samples(module: L.LightningModule, count: int) -> None:
+    """Images trained on per epoch, summed over all processes: a check that DDP splits, not repeats, the data."""
+    module.log("samples", float(count), on_step=False, on_epoch=True, reduce_fx="sum", sync_dist=True)
+
+
+def is_global_zero() -> bool:
+    """True in the one process that writes files (every process when not distributed)."""
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
 def write_json(path: Path, value: Any) -> None:
-    """Written whole or not at all: a temporary file, then a rename."""
+    """Written whole or not at all: a temporary file, then a rename; by the first process only."""
+    if not is_global_zero():
+        return
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(value, indent=2))
     os.replace(tmp, path)
@@ -213,11 +226,11 @@ def read_done(path: Path, resume: bool) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if resume and path.is_file() else None
 
 
-def check_finite(loss: torch.Tensor, module: L.LightningModule, name: str, out: Path, batch_idx: int) -> None:
+def check_finite(loss: torch.Tensor, module: L.LightningModule, name: str, out: Path | None, batch_idx: int) -> None:
     """Stop at the first NaN or infinite loss, saying where and which checkpoint is the last good one."""
     if not torch.isfinite(loss):
-        last = resume_dir(out, name) / "last.ckpt"
-        where = f"the last good checkpoint is {last} (--resume continues from it)" if last.is_file() else \
+        last = resume_dir(out, name) / "last.ckpt" if out else None
+        where = f"the last good checkpoint is {last} (--resume continues from it)" if last and last.is_file() else \
             "no epoch finished, so there is no checkpoint yet"
         raise UserError(f"{name}: the loss became {float(loss)} at epoch {module.current_epoch + 1}, step "
                         f"{batch_idx + 1}; {where}. Lower the learning rate or set trainer.gradient_clip_val")

@@ -12,8 +12,6 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 
-import numpy as np
-
 from ..config import DataConfig
 from ..errors import UserError
 from . import fashion_mnist, folder, oxford_pets, synthetic

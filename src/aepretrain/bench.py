@@ -1,0 +1,193 @@
+"""Throughput against the hardware limit: the bare train step, the end-to-end loop and inference.
+
+For the classifier and each greedy stage's autoencoder, in one process: images per second (median
+over timed steps after warm-up), FLOPs per image counted from the model (forward and backward of a
+train step), the achieved GFLOP/s, and that as a fraction of this machine's matrix-multiply rate,
+measured in the same run for fp32 and bf16.
+
+Example:
+    >>> report = bench(resolve("seed"), size=224, batch=32, steps=5)  # doctest: +SKIP
+    >>> report["rows"][0]["step_img_s"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .config import Config
+from .data.base import Labelled
+from .finetune import ClassifierModule
+from .models import Autoencoder, Classifier, build_encoder
+from .pretrain import StageModule
+from .training import loader, resolved_precision, set_threads
+
+AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def _autocast(precision: str, device: torch.device) -> Any:
+    dtype = AUTOCAST.get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 4096, repeats: int = 3) -> float:
+    """The machine's dense matrix-multiply rate: the ceiling a convolution's arithmetic can reach."""
+    if device.type == "cuda":
+        n = 8192
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    times = []
+    for i in range(repeats + 1):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        if i:  # the first product warms up
+            times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def _models(cfg: Config, channels: int, classes: int) -> list[tuple[str, nn.Module]]:
+    spec = cfg.model
+    models: list[tuple[str, nn.Module]] = [
+        ("classifier", Classifier(build_encoder(spec, channels, True), classes, spec.dropout))]
+    for k in range(1, len(spec.blocks) + 1):  # an encoder each: building stage k freezes blocks below k
+        models.append((f"stage{k}", Autoencoder(build_encoder(spec, channels, False), k)))
+    return models
+
+
+def _loss(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    out = model(x).float()
+    return F.cross_entropy(out, y) if name == "classifier" else F.mse_loss(out, x.float())
+
+
+def train_flops_per_image(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        _loss(name, model, x, y).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(x)
+
+
+def _median_rate(batch: int, step: Any, warmup: int, steps: int, device: torch.device) -> float:
+    times = []
+    for i in range(warmup + steps):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return batch / statistics.median(times)
+
+
+class BatchClock(Callback):
+    """Times whole loop iterations: loading, transfer, augmentation and the step, end to end."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.ends.append(time.perf_counter())
+
+
+def loop_rate(name: str, model: nn.Module, cfg: Config, data: Labelled, batch: int, warmup: int, steps: int,
+              precision: str) -> float:
+    """The real training loop (Lightning, the cached-data loader, on-device augmentation), per batch."""
+    clock = BatchClock()
+    module = ClassifierModule(model, cfg, 1, None, name) if name == "classifier" else \
+        StageModule(model, cfg, 1, None)
+    fit = L.Trainer(accelerator=cfg.trainer.device, devices=1, precision=precision, max_epochs=1,
+                    limit_train_batches=warmup + steps + 1, limit_val_batches=0, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    callbacks=[clock])
+    fit.fit(module, loader(data, batch, True, cfg, drop_last=True))
+    gaps = np.diff(clock.ends)[warmup:]
+    return batch / float(np.median(gaps))
+
+
+def measure(name: str, model: nn.Module, cfg: Config, data: Labelled, precision: str, device: torch.device,
+            size: int, batch: int, warmup: int, steps: int, ceiling: float) -> dict[str, Any]:
+    """One row: the bare step on synthetic tensors, inference, and the whole Lightning loop on cached data."""
+    channels, classes = cfg.model.in_channels, cfg.model.num_classes
+    model.to(device)
+    if cfg.trainer.channels_last:
+        model.to(memory_format=torch.channels_last)
+    x = torch.rand(batch, channels, size, size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last) if cfg.trainer.channels_last else x
+    y = torch.randint(0, classes, (batch,), device=device)
+    flops = train_flops_per_image(name, model, x[:2], y[:2])
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(precision, device):
+            loss = _loss(name, model, x, y)
+        loss.backward()
+        optimizer.step()
+
+    def infer() -> None:
+        with torch.no_grad(), _autocast(precision, device):
+            model(x)
+
+    step_rate = _median_rate(batch, step, warmup, steps, device)
+    model.eval()
+    infer_rate = _median_rate(batch, infer, warmup, steps, device)
+    model.train()
+    loop = loop_rate(name, model, cfg, data, batch, warmup, steps, precision)
+    achieved = flops * step_rate / 1e9
+    return {"model": name, "size": size, "batch": batch, "precision": precision,
+            "step_img_s": round(step_rate, 2), "loop_img_s": round(loop, 2), "infer_img_s": round(infer_rate, 2),
+            "gflop_per_img": round(flops / 1e9, 3), "achieved_gflops": round(achieved, 1),
+            "fraction_of_matmul": round(achieved / ceiling, 3)}
+
+
+def bench(cfg: Config, size: int, batch: int, precisions: list[str] | None = None, warmup: int = 3,
+          steps: int = 10, only: list[str] | None = None) -> dict[str, Any]:
+    set_threads()
+    device = torch.device("cuda" if cfg.trainer.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    default = resolved_precision("auto", device.type)
+    precisions = precisions or (["32", default] if default != "32" else ["32"])
+    channels, classes = cfg.model.in_channels, cfg.model.num_classes
+    rates = {"fp32": matmul_gflops(device, torch.float32)}
+    if device.type == "cuda" or default == "bf16-mixed":
+        rates["bf16"] = matmul_gflops(device, torch.bfloat16)
+    rng = np.random.default_rng(0)
+    n = batch * (warmup + steps + 2)
+    data = Labelled(rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8),
+                    rng.integers(0, classes, n).astype(np.int64), [str(i) for i in range(n)])
+    rows = []
+    for precision in precisions:
+        for name, model in _models(cfg, channels, classes):
+            if not only or name in only:
+                ceiling = rates["bf16" if precision in AUTOCAST and "bf16" in rates else "fp32"]
+                rows.append(measure(name, model, cfg, data, precision, device, size, batch, warmup, steps, ceiling))
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return {"device": name, "torch": torch.__version__, "matmul_gflops": {k: round(v, 1) for k, v in rates.items()},
+            "rows": rows}
+
+
+def table(report: dict[str, Any]) -> str:
+    head = ["model", "size", "batch", "precision", "step_img_s", "loop_img_s", "infer_img_s", "gflop_per_img",
+            "achieved_gflops", "fraction_of_matmul"]
+    lines = [f"device: {report['device']}, matmul GFLOP/s: {report['matmul_gflops']}",
+             " ".join(f"{h:>14}" for h in head)]
+    lines += [" ".join(f"{str(row[h]):>14}" for h in head) for row in report["rows"]]
+    return "\n".join(lines)

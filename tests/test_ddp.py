@@ -1,0 +1,33 @@
+"""DDP on 2 CPU processes (gloo): the greedy stages and fine-tuning complete and split the data."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+# 4 classes x 40: train 144 and autoencoder-train 48 images, both divisible by 2 processes x batch 8,
+# so a split epoch sees exactly the images a single process does.
+TINY = ["--dataset", "synthetic", "--image-size", "16", "--quiet", "--precision", "32", "--device", "cpu",
+        "--set", "pretrain.epochs=2", "--set", "finetune.epochs=2", "--set", "pretrain.batch_size=8",
+        "--set", "finetune.batch_size=8", "--set", "data.synthetic_per_class=40", "--set", "data.val_fraction=0.1"]
+
+
+def samples_per_epoch(out: Path) -> dict[str, list[float]]:
+    m = json.loads((out / "metrics.json").read_text())
+    seen = {f"stage{s['stage']}": [row["samples"] for row in s["history"]] for s in m["pretrain"]["stages"]}
+    return seen | {arm: [row["samples"] for row in r["history"]] for arm, r in m["finetune"].items()}
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process_in_samples_per_epoch(tmp_path: Path) -> None:
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    for out, extra in ((single, []), (ddp, ["--devices", "2", "--strategy", "ddp"])):
+        result = subprocess.run([sys.executable, "-m", "aepretrain", "run", "--out", str(out), *TINY, *extra],
+                                capture_output=True, text=True, timeout=400)
+        assert result.returncode == 0, result.stderr[-3000:]
+    seen = samples_per_epoch(single)
+    assert seen == {"stage1": [48, 48], "stage2": [48, 48], "stage3": [48, 48], "pretrained": [144, 144],
+                    "scratch": [144, 144]}
+    assert samples_per_epoch(ddp) == seen
+    m = json.loads((ddp / "metrics.json").read_text())
+    assert m["pretrain"]["stages"][2]["epochs"] == 2 and (ddp / "report.html").is_file()
+    assert (ddp / "checkpoints" / "classifier-pretrained.safetensors").is_file()
