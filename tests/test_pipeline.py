@@ -47,7 +47,7 @@ def test_run_writes_every_key_file_and_figure(tiny_run: Path) -> None:
     for name in ("report.md", "report.html", "config.yaml", "data.json"):
         assert (tiny_run / name).is_file()
     for fig in ("samples", "reconstructions", "pretrain-curves", "finetune-curves", "confusion-pretrained",
-                "confusion-scratch", "predictions"):
+                "confusion-scratch", "predictions", "probes"):
         assert Image.open(tiny_run / "figures" / f"{fig}.png").size[0] > 100
     ckpts = tiny_run / "checkpoints"
     for name in ("pretrain-stage1", "pretrain-stage2", "pretrain-stage3", "classifier-pretrained", "classifier-scratch"):
@@ -55,7 +55,7 @@ def test_run_writes_every_key_file_and_figure(tiny_run: Path) -> None:
     assert (tiny_run / "logs" / "scratch" / "metrics.csv").is_file()
     assert list((tiny_run / "logs" / "stage1").glob("events.out.tfevents.*"))
     html = (tiny_run / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 7 and "1,128,997" in html and "0.6678" in html
+    assert html.count("data:image/png;base64,") == 8 and "1,128,997" in html and "0.6678" in html
 
 
 def test_predict_top3_sorted_and_summing_to_at_most_one(tiny_run: Path, tmp_path: Path,

@@ -75,6 +75,19 @@ class PretrainConfig:
     lr: float = 1e-3
     batch_size: int = 32
     schedule: str = "constant"  # constant | one-cycle | cosine
+    objective: str = "greedy"  # greedy | greedy-denoising | greedy-masked | end-to-end
+    noise_std: float = 0.2  # greedy-denoising: Gaussian noise on the input, clean target
+    mask_patch: int = 0  # greedy-masked: square patch side in pixels; 0: image_size // 8
+    mask_ratio: float = 0.5  # greedy-masked: share of patches masked; the loss counts masked pixels only
+    dataset: str | None = None  # pre-training data of its own (labelled or not); null: the labelled data set
+    root: str | None = None
+    include_test: bool = False  # let the labelled test images into pre-training (transductive)
+
+
+@dataclass
+class ProbeConfig:
+    enabled: bool = True  # linear and kNN probes of the frozen features at every depth
+    train_limit: int | None = None  # cap on the labelled train images the probes fit (stratified)
 
 
 @dataclass
@@ -101,6 +114,7 @@ class TrainerConfig:
     gradient_clip_val: float | None = None
     channels_last: bool = True
     num_workers: int = 0  # data is decoded in memory; workers rarely pay off
+    allocator: str = "auto"  # auto (tcmalloc from 128 px up, where it was measured to pay) | tcmalloc | default
     progress: bool = True
     smoke: bool = False  # a few batches, one epoch: proves a preset runs end to end
 
@@ -109,6 +123,16 @@ class TrainerConfig:
 class PredictConfig:
     top_k: int = 3
     images: int = 4  # test images that `run` predicts and shows in the report
+
+
+@dataclass
+class StudyConfig:
+    label_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
+    seeds: int = 3
+    objectives: list[str] = field(default_factory=lambda: ["greedy"])
+    epochs: int = 10  # fine-tuning epochs per cell, at least ...
+    min_steps: int = 200  # ... enough epochs for this many optimizer steps, so small fractions train too
+    val_limit: int | None = 1000  # validation images (stratified) used for model selection in every cell
 
 
 @dataclass
@@ -122,12 +146,15 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 SCHEDULES = ("constant", "one-cycle", "cosine")
+OBJECTIVES = ("greedy", "greedy-denoising", "greedy-masked", "end-to-end")
 PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed")
 
 
@@ -224,6 +251,14 @@ def _validate(cfg: Config) -> None:
     for section in (cfg.pretrain, cfg.finetune):
         if section.schedule not in SCHEDULES:
             raise UserError(f"unknown schedule '{section.schedule}'{_closest(section.schedule, list(SCHEDULES))}")
+    if cfg.pretrain.objective not in OBJECTIVES:
+        raise UserError(f"unknown objective '{cfg.pretrain.objective}'{_closest(cfg.pretrain.objective, list(OBJECTIVES))}"
+                        f"; objectives: {', '.join(OBJECTIVES)}")
+    for objective in cfg.study.objectives:
+        if objective not in OBJECTIVES:
+            raise UserError(f"unknown objective '{objective}' in study.objectives{_closest(objective, list(OBJECTIVES))}")
+    if cfg.trainer.allocator not in ("auto", "tcmalloc", "default"):
+        raise UserError(f"trainer.allocator is auto, tcmalloc or default, not '{cfg.trainer.allocator}'")
     if cfg.trainer.precision not in PRECISIONS:
         raise UserError(f"unknown precision '{cfg.trainer.precision}'; choose one of {', '.join(PRECISIONS)}")
     for arm in cfg.finetune.arms:

@@ -116,3 +116,32 @@ def predictions(images: np.ndarray, rows: list[dict[str, Any]], path: Path) -> P
             lines.insert(0, f"true: {row['true']}")
         ax.set_title("\n".join(lines), fontsize=7)
     return _save(fig, path)
+
+
+def probe_accuracy(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Test accuracy of the linear and kNN probes by encoder depth, pre-trained against random."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for encoder, colour in (("pretrained", "tab:blue"), ("random", "tab:gray")):
+        mine = [r for r in rows if r["encoder"] == encoder]
+        depths = [r["depth"] for r in mine]
+        ax.plot(depths, [r["linear_test"] for r in mine], "-o", color=colour, label=f"{encoder}, linear")
+        ax.plot(depths, [r["knn_test"] for r in mine], "--s", color=colour, label=f"{encoder}, kNN")
+    ax.set_xlabel("encoder depth (stage)")
+    ax.set_ylabel("test accuracy")
+    ax.set_xticks(sorted({r["depth"] for r in rows}))
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def study_accuracy(summary: list[dict[str, Any]], path: Path) -> Path:
+    """Test accuracy (mean and standard deviation over seeds) against the labelled fraction, one line per arm."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for arm in dict.fromkeys(r["arm"] for r in summary):
+        rows = sorted((r for r in summary if r["arm"] == arm), key=lambda r: r["fraction"])
+        ax.errorbar([r["fraction"] for r in rows], [r["mean"] for r in rows], yerr=[r["std"] for r in rows],
+                    marker="o", capsize=3, label=arm)
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled fraction of train")
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=8)
+    return _save(fig, path)

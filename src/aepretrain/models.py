@@ -82,21 +82,23 @@ class Autoencoder(nn.Module):
     """Greedy stage k: encoder blocks 1..k, of which 1..k-1 are frozen, and a new decoder.
 
     Frozen means no gradients and BatchNorm statistics kept: the frozen blocks stay in eval
-    mode even when Lightning calls ``train()`` at each epoch.
+    mode even when Lightning calls ``train()`` at each epoch. ``frozen=0`` trains every block
+    (the end-to-end objective).
     """
 
-    def __init__(self, encoder: Encoder, stage: int) -> None:
+    def __init__(self, encoder: Encoder, stage: int, frozen: int | None = None) -> None:
         super().__init__()
         self.stage = stage
+        self.frozen = stage - 1 if frozen is None else frozen
         self.blocks = nn.ModuleList(encoder.blocks[:stage])  # shares the encoder's modules
         self.decoder = stage_decoder(encoder.spec, stage, encoder.in_channels, encoder.stride)
-        for block in self.blocks[: stage - 1]:
-            block.requires_grad_(False)
+        for b, block in enumerate(self.blocks):
+            block.requires_grad_(b >= self.frozen)
         self.train()
 
     def train(self, mode: bool = True) -> "Autoencoder":
         super().train(mode)
-        for block in self.blocks[: self.stage - 1]:
+        for block in self.blocks[: self.frozen]:
             block.eval()
         return self
 

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -22,13 +23,15 @@ import torch
 from . import config as config_module
 from . import figures
 from .config import Config
-from .data import DataBundle, labels_required, prepare
+from .data import DataBundle, labels_required, prepare, pretrain_images
+from .data.splits import stratified_subset
 from .errors import UserError
 from .checkpoints import load_classifier, load_encoder
 from .evaluate import evaluate
 from .finetune import ArmResult, classifier_path, epochs_to_target, finetune
-from .models import Encoder
+from .models import Encoder, build_encoder
 from .predict import top_k
+from .probe import probe_encoder
 from .pretrain import PretrainResult, pretrain, reconstruct, stage_path
 from .training import is_global_zero, resolved_precision, set_threads, write_json
 
@@ -93,8 +96,12 @@ def _start(cfg: Config, out: Path, resume: bool, overwrite: bool) -> tuple[Path,
 
 
 def _pretrain(cfg: Config, bundle: DataBundle, out: Path, metrics: dict[str, Any], resume: bool) -> PretrainResult:
-    pre = pretrain(cfg, bundle, out, resume)
-    metrics["pretrain"] = {"stages": pre.stages, "test_mse": pre.test_mse}
+    images, described = pretrain_images(cfg, bundle)
+    pre = pretrain(cfg, bundle, out, resume, images)
+    metrics["pretrain"] = {"objective": cfg.pretrain.objective, "data": described, "images": len(images),
+                           "stages": pre.stages, "test_mse": pre.test_mse}
+    if cfg.probe.enabled:
+        metrics["probes"] = probes(cfg, bundle, pre.encoder)
     write_json(out / "metrics.json", metrics)
     shown = bundle.test.take(np.arange(min(6, len(bundle.test))))
     originals = torch.from_numpy(shown.images).permute(0, 3, 1, 2).float() / 255
@@ -117,6 +124,16 @@ def _finetune(cfg: Config, bundle: DataBundle, out: Path, metrics: dict[str, Any
     }
     write_json(out / "metrics.json", metrics)
     return arm
+
+
+def probes(cfg: Config, bundle: DataBundle, encoder: Encoder) -> list[dict[str, Any]]:
+    """Linear and kNN probes at every depth, for the pre-trained encoder and a random one of the same shape."""
+    if cfg.probe.train_limit is not None and cfg.probe.train_limit < len(bundle.train):
+        index = stratified_subset(bundle.train.labels, cfg.probe.train_limit, cfg.seed)
+        bundle = dataclasses.replace(bundle, train=bundle.train.take(index))
+    torch.manual_seed(cfg.seed + 99)
+    random_encoder = build_encoder(cfg.model, bundle.channels, for_classifier=False)
+    return probe_encoder(encoder, bundle, "pretrained") + probe_encoder(random_encoder, bundle, "random")
 
 
 def run_pretrain(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .checkpoints import load_weights, read_checkpoint, save_model
 from .config import Config
-from .data import DataBundle
+from .data import DataBundle, Labelled
 from .data.splits import stratified_split
 from .models import Autoencoder, Encoder, build_encoder, summarize
 from .training import (History, check_finite, last_checkpoint, loader, log_samples, read_done, scheduler,
@@ -44,6 +44,14 @@ class StageModule(L.LightningModule):
         return to_float(x, self.cfg.trainer.channels_last), y
 
     def _loss(self, x: torch.Tensor) -> torch.Tensor:
+        """The objective's loss: plain, denoising (noisy input, clean target) or masked (masked pixels only)."""
+        p = self.cfg.pretrain
+        if p.objective == "greedy-denoising":
+            noisy = (x + p.noise_std * torch.randn_like(x)).clamp(0, 1)
+            return F.mse_loss(self(noisy).float(), x.float())
+        if p.objective == "greedy-masked":
+            mask = patch_mask(x, p.mask_patch or max(1, x.shape[-1] // 8), p.mask_ratio)
+            return masked_mse(self(x * (1 - mask)).float(), x.float(), mask)
         return F.mse_loss(self(x).float(), x.float())
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -57,7 +65,8 @@ class StageModule(L.LightningModule):
         self.log("val_loss", self._loss(batch[0]), prog_bar=True, batch_size=len(batch[0]), sync_dist=True)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self.log("test_mse", self._loss(batch[0]), batch_size=len(batch[0]), sync_dist=True)
+        x = batch[0]  # plain reconstruction error, whatever the objective, to compare with the reference
+        self.log("test_mse", F.mse_loss(self(x).float(), x.float()), batch_size=len(x), sync_dist=True)
 
     def configure_optimizers(self) -> Any:
         p = self.cfg.pretrain
@@ -65,6 +74,19 @@ class StageModule(L.LightningModule):
         optimizer = torch.optim.Adam(params, lr=p.lr)
         sched = scheduler(optimizer, p.schedule, p.lr, p.epochs, self.steps)
         return {"optimizer": optimizer, "lr_scheduler": sched} if sched else optimizer
+
+
+def patch_mask(x: torch.Tensor, patch: int, ratio: float) -> torch.Tensor:
+    """1 on randomly chosen square patches (``ratio`` of them), 0 elsewhere; one mask per image, shape N1HW."""
+    n, _, h, w = x.shape
+    grid = torch.rand(n, 1, -(-h // patch), -(-w // patch), device=x.device) < ratio
+    return grid.repeat_interleave(patch, 2).repeat_interleave(patch, 3)[:, :, :h, :w].to(x.dtype)
+
+
+def masked_mse(reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over masked pixels only (mask N1HW broadcast over channels)."""
+    mask = mask.expand_as(target)
+    return ((reconstruction - target) ** 2 * mask).sum() / mask.sum().clamp(min=1)
 
 
 @dataclass
@@ -79,17 +101,21 @@ def stage_path(out: Path, stage: int) -> Path:
     return out / "checkpoints" / f"pretrain-stage{stage}.safetensors"
 
 
-def pretrain(cfg: Config, bundle: DataBundle, out: Path, resume: bool = False) -> PretrainResult:
-    """Train every greedy stage in turn on the autoencoder subset; save each stage's weights."""
+def pretrain(cfg: Config, bundle: DataBundle, out: Path, resume: bool = False,
+             images: Labelled | None = None) -> PretrainResult:
+    """Train every greedy stage in turn on the autoencoder subset (or ``images``); save each stage's weights."""
     L.seed_everything(cfg.seed, verbose=False)
     encoder = build_encoder(cfg.model, bundle.channels, for_classifier=False)
-    fit_idx, val_idx = stratified_split(bundle.ae.labels, cfg.data.val_fraction, cfg.seed + 3)
-    ae_train, ae_val = bundle.ae.take(fit_idx), bundle.ae.take(val_idx)
+    images = bundle.ae if images is None else images
+    fit_idx, val_idx = stratified_split(images.labels, cfg.data.val_fraction, cfg.seed + 3)
+    ae_train, ae_val = images.take(fit_idx), images.take(val_idx)
     batch = cfg.pretrain.batch_size
     result = PretrainResult(encoder)
     shape = (bundle.channels, bundle.image_size, bundle.image_size)
-    for stage in range(1, len(cfg.model.blocks) + 1):
-        autoencoder = Autoencoder(encoder, stage)
+    depth = len(cfg.model.blocks)
+    end_to_end = cfg.pretrain.objective == "end-to-end"  # one stage: every block and the full decoder at once
+    for stage in [depth] if end_to_end else range(1, depth + 1):
+        autoencoder = Autoencoder(encoder, stage, frozen=0 if end_to_end else None)
         if cfg.trainer.channels_last:
             autoencoder.to(memory_format=torch.channels_last)
         module = StageModule(autoencoder, cfg, steps_per_epoch(len(ae_train), batch), out)

@@ -19,6 +19,7 @@ from . import figures
 from .config import from_dict
 from .errors import UserError
 from .models import summary
+from .probe import KNN_K
 
 # The lab report's numbers (../shared/SPEC.md).
 REFERENCE = {
@@ -107,12 +108,24 @@ def blocks(out: Path) -> list[Block]:
                      "{:,} / {:,} / {:,}".format(*ref["params"]) if ref else None, stage["epochs"], stage["seconds"],
                      ref["seconds"] if ref else None, stage["train_loss"], ref["train_loss"] if ref else None,
                      stage["val_loss"]])
+    pre = m["pretrain"]
+    b.append(("p", f"Objective **{pre.get('objective', 'greedy')}**; pre-training data: {pre.get('data', 'n/a')} "
+                   f"({_fmt(pre.get('images'))} images)."))
     b.append(_table(["stage", "params total / trainable / non-trainable", "reference", "epochs", "seconds",
                      "reference s (30 epochs)", "train MSE", "reference train MSE", "val MSE"], rows))
     b.append(_table(["", "ours", "reference"], [["test reconstruction MSE (last stage)", m["pretrain"]["test_mse"],
                                                  REFERENCE["test_mse"]]]))
     b.append(("img", (fig / "reconstructions.png", "Test images and their reconstructions by each stage")))
     b.append(("img", (fig / "pretrain-curves.png", "Autoencoder losses per epoch")))
+    if m.get("probes"):
+        b.append(("h2", "3b. Probes: the frozen features at each depth, before fine-tuning"))
+        b.append(("p", f"A linear classifier (logistic regression, L-BFGS) and a {KNN_K}-nearest-neighbour vote "
+                       "(cosine) on the global-average-pooled output of block k, fitted on the labelled train split; "
+                       "the random encoder has the same shape and no training."))
+        b.append(_table(["encoder", "depth", "features", "linear val", "linear test", "kNN val", "kNN test"],
+                        [[r["encoder"], r["depth"], r["features"], r["linear_val"], r["linear_test"], r["knn_val"],
+                          r["knn_test"]] for r in m["probes"]]))
+        b.append(("img", (fig / "probes.png", "Probe test accuracy by depth, pre-trained against random")))
 
     b.append(("h2", "4. Fine-tuning: pre-trained against from scratch"))
     target = m.get("target_accuracy")
@@ -142,6 +155,48 @@ def blocks(out: Path) -> list[Block]:
     b.append(_table(["image", "true", *[f"top {i + 1}" for i in range(k)]], rows))
     b.append(("img", (fig / "predictions.png", "Test images with their top classes")))
     return b
+
+
+def study_blocks(out: Path) -> list[Block]:
+    """The label-efficiency study: a table of means over seeds, the paired gains, and what they say."""
+    record = _load(out, "study.json")
+    st, summary = record["settings"], record["summary"]
+    figure = figures.study_accuracy(summary, out / "figures" / "study.png")
+    b: list[Block] = [("h2", "Label efficiency: pre-trained against from scratch, over seeds")]
+    b.append(("p", f"Preset {st['preset']}; {st['seeds']} seeds from {st['base_seed']}; labelled fractions "
+                   f"{st['label_fractions']} (stratified, nested); objectives {', '.join(st['objectives'])}. Every "
+                   f"cell fine-tunes at least {st['epochs']} epochs and {st['min_steps']} steps, the same for both "
+                   f"arms; model selection on {st['val_limit'] or 'all'} validation images. Pre-training sees the "
+                   "unlabelled train + validation images, never the test split. A gain is called help or harm "
+                   "when the mean paired difference exceeds twice its standard error."))
+    b.append(_table(["labelled fraction", "labelled images", "arm", "seeds", "test accuracy mean", "std",
+                     "gain over scratch", "± s.e.", "verdict"],
+                    [[r["fraction"], r["labelled"], r["arm"], r["seeds"], r["mean"], r["std"], r.get("gain"),
+                      r.get("gain_se"), r.get("verdict", "")] for r in summary]))
+    sentences = []
+    for r in summary:
+        if "gain" in r:
+            sentences.append(f"at {r['fraction']:g} of the labels ({r['labelled']} images) {r['arm']} pre-training "
+                             f"{r['verdict']}: "
+                             f"{r['gain'] * 100:+.2f} points of test accuracy (± {r['gain_se'] * 100:.2f} s.e.)")
+    if sentences:
+        b.append(("p", "In words: " + "; ".join(sentences) + "."))
+    b.append(("img", (figure, "Test accuracy against the labelled fraction, mean ± std over seeds")))
+    return b
+
+
+def write_study_report(out: str | Path) -> tuple[Path, Path]:
+    out = Path(out)
+    content = [("h1", "aepretrain study"), *study_blocks(out)]
+    return _write(out, "study", content)
+
+
+def _write(out: Path, stem: str, content: list[Block]) -> tuple[Path, Path]:
+    md, page = out / f"{stem}.md", out / f"{stem}.html"
+    md.write_text("\n".join(_md(b, out) for b in content))
+    page.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(content[0][1])}</title>"
+                    f"<style>{STYLE}</style></head><body>" + "\n".join(_html(b) for b in content) + "</body></html>")
+    return md, page
 
 
 def _md(block: Block, out: Path) -> str:
@@ -190,12 +245,12 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
     fig = out / "figures"
     figures.pretrain_curves(m["pretrain"]["stages"], fig / "pretrain-curves.png")
     figures.finetune_curves(m["finetune"], m.get("target_accuracy"), fig / "finetune-curves.png")
+    if m.get("probes"):
+        figures.probe_accuracy(m["probes"], fig / "probes.png")
     for arm, r in m["finetune"].items():
         figures.confusion(r["confusion"], data["classes"], f"{arm}: test accuracy {r['test_accuracy']:.4f}",
                           fig / f"confusion-{arm}.png")
     content = blocks(out)
-    md, page = out / "report.md", out / "report.html"
-    md.write_text("\n".join(_md(b, out) for b in content))
-    page.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(content[0][1])}</title>"
-                    f"<style>{STYLE}</style></head><body>" + "\n".join(_html(b) for b in content) + "</body></html>")
-    return md, page
+    if (out / "study.json").is_file():
+        content += study_blocks(out)
+    return _write(out, "report", content)

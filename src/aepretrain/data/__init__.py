@@ -10,9 +10,12 @@ Example:
 from __future__ import annotations
 
 import difflib
+import dataclasses
 from collections.abc import Callable
 
-from ..config import DataConfig
+import numpy as np
+
+from ..config import Config, DataConfig
 from ..errors import UserError
 from . import fashion_mnist, folder, oxford_pets, synthetic
 from .base import UNLABELLED, DataBundle, Labelled, Source
@@ -25,7 +28,7 @@ READERS: dict[str, Callable[..., Source]] = {
     "synthetic": synthetic.read,
 }
 
-__all__ = ["READERS", "DataBundle", "Labelled", "Source", "UNLABELLED", "prepare", "read_source"]
+__all__ = ["READERS", "DataBundle", "Labelled", "Source", "UNLABELLED", "prepare", "pretrain_images", "read_source"]
 
 
 def read_source(cfg: DataConfig, seed: int) -> Source:
@@ -64,6 +67,48 @@ def prepare(cfg: DataConfig, seed: int) -> DataBundle:
     return DataBundle(dataset=cfg.dataset, root=cfg.root, classes=source.classes, channels=source.channels,
                       image_size=cfg.image_size, train=train, val=val, test=test, ae=pool.take(ae_index),
                       class_ids=source.class_ids, skipped=source.skipped, missing=source.missing, notes=notes)
+
+
+def match_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """NHWC uint8 to the labelled data's channels: RGB to gray by luminance, or gray repeated to RGB."""
+    if images.shape[-1] == channels:
+        return images
+    if channels == 1:
+        gray = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        return np.clip(gray.round(), 0, 255).astype(np.uint8)[..., None]
+    return np.repeat(images, channels, axis=-1)
+
+
+def pretrain_images(cfg: Config, bundle: DataBundle) -> tuple[Labelled, str]:
+    """The images the autoencoders train on, and a sentence saying which they are.
+
+    By default the autoencoder subset of the labelled data. With ``pretrain.dataset``, a data set of
+    its own, labelled or not, under the same subset rule; the labelled test split enters only with
+    ``pretrain.include_test``.
+    """
+    p = cfg.pretrain
+    if p.dataset is None:
+        images = bundle.ae
+        what = f"the autoencoder subset of {bundle.dataset}: {cfg.data.ae_fraction:.0%} of train + val"
+    else:
+        if (p.dataset, p.root) == (cfg.data.dataset, cfg.data.root):
+            pool = Labelled.concat([bundle.train, bundle.val])  # the labelled test split never enters this way
+        else:
+            source = read_source(dataclasses.replace(cfg.data, dataset=p.dataset, root=p.root), cfg.seed)
+            pool = source.train if source.test is None else Labelled.concat([source.train, source.test])
+        take = np.arange(len(pool)) if cfg.data.ae_fraction >= 1 else \
+            stratified_split(pool.labels, cfg.data.ae_fraction, cfg.seed + 2)[1]
+        images = pool.take(take)
+        images = Labelled(match_channels(images.images, bundle.channels), images.labels, images.names)
+        kind = "unlabelled" if (images.labels == UNLABELLED).all() else "labelled (labels unused)"
+        what = f"{p.dataset} at {p.root} ({kind}): {cfg.data.ae_fraction:.0%} of its {len(pool)} images"
+    if p.include_test:
+        test = Labelled(match_channels(bundle.test.images, bundle.channels), bundle.test.labels, bundle.test.names)
+        images = Labelled.concat([images, test])
+        what += f", plus the {len(bundle.test)} labelled test images (asked for: pretrain.include_test)"
+    else:
+        what += "; no labelled test image"
+    return images, what
 
 
 def labels_required(bundle: DataBundle) -> None:

@@ -1,0 +1,88 @@
+"""How good are the features before fine-tuning? Linear and k-nearest-neighbour probes by encoder depth.
+
+The features at depth k are the global-average-pooled output of encoder block k, with the encoder
+frozen. A greedy encoder's blocks 1..k never change after stage k, so probing the final encoder at
+depth k is probing stage k. A randomly initialised encoder of the same shape is the baseline.
+
+Example:
+    >>> rows = probe_encoder(encoder, bundle, seed=0)  # doctest: +SKIP
+    >>> rows[0]["linear_test"], rows[0]["knn_test"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .data import DataBundle
+from .models import Encoder
+
+KNN_K = 10
+
+
+@torch.no_grad()
+def features(encoder: Encoder, images: torch.Tensor, depth: int, batch_size: int = 512) -> torch.Tensor:
+    """GAP features of uint8 NHWC images after ``depth`` blocks, in eval mode (BatchNorm statistics fixed)."""
+    was_training = encoder.training
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size].to(device).permute(0, 3, 1, 2).float().div_(255.0)
+        out.append(encoder(x, depth).float().mean(dim=(2, 3)).cpu())
+    encoder.train(was_training)
+    return torch.cat(out)
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, evals: list[torch.Tensor], classes: int,
+                 steps: int = 200, weight_decay: float = 1e-4) -> list[torch.Tensor]:
+    """Multinomial logistic regression on standardised features (full-batch L-BFGS); predictions per set."""
+    mean, std = train_x.mean(0), train_x.std(0).clamp(min=1e-6)
+    x = (train_x - mean) / std
+    linear = torch.nn.Linear(x.shape[1], classes)
+    optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(linear(x), train_y) + weight_decay * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        return [linear((e - mean) / std).argmax(1) for e in evals]
+
+
+def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, query: torch.Tensor, classes: int,
+                k: int = KNN_K) -> torch.Tensor:
+    """Cosine-similarity k-nearest-neighbour vote on features centred by the train mean."""
+    mean = train_x.mean(0)
+    bank = F.normalize(train_x - mean, dim=1)
+    predictions = []
+    for start in range(0, len(query), 1024):
+        q = F.normalize(query[start:start + 1024] - mean, dim=1)
+        nearest = (q @ bank.T).topk(min(k, len(bank)), dim=1).indices
+        votes = F.one_hot(train_y[nearest], classes).sum(1)
+        predictions.append(votes.argmax(1))
+    return torch.cat(predictions)
+
+
+def probe_encoder(encoder: Encoder, bundle: DataBundle, label: str) -> list[dict[str, Any]]:
+    """One row per depth: linear and kNN accuracy on validation and test, trained on the labelled train split."""
+    classes = len(bundle.classes)
+    train_y, val_y, test_y = (torch.from_numpy(s.labels) for s in (bundle.train, bundle.val, bundle.test))
+    rows = []
+    for depth in range(1, len(encoder.blocks) + 1):
+        train_x, val_x, test_x = (features(encoder, torch.from_numpy(s.images), depth)
+                                  for s in (bundle.train, bundle.val, bundle.test))
+        linear_val, linear_test = linear_probe(train_x, train_y, [val_x, test_x], classes)
+        row: dict[str, Any] = {"encoder": label, "depth": depth, "features": int(train_x.shape[1])}
+        row["linear_val"] = float((linear_val == val_y).float().mean())
+        row["linear_test"] = float((linear_test == test_y).float().mean())
+        row["knn_val"] = float((knn_predict(train_x, train_y, val_x, classes) == val_y).float().mean())
+        row["knn_test"] = float((knn_predict(train_x, train_y, test_x, classes) == test_y).float().mean())
+        rows.append(row)
+    return rows
