@@ -47,7 +47,8 @@ def _settings(p: argparse.ArgumentParser, training: bool = True) -> None:
 
 
 def _out(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    p.add_argument("--out", default=default, required=default is None, metavar="DIR", help="the run folder")
+    p.add_argument("--out", default=default, required=default is None, metavar="DIR",
+                   help="the run folder" + (" (default: runs/PRESET)" if default == "" else ""))
     p.add_argument("--resume", action="store_true", help="continue the run in DIR where it stopped")
     p.add_argument("--overwrite", action="store_true", help="replace the run in DIR")
 
@@ -239,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the whole job: pretrain, fine-tune both arms, evaluate, predict, report")
     _settings(p)
-    _out(p, default="runs/quick")
+    _out(p, default="")
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("data", help="prepare a data set and show counts, skipped files and a sample grid")
@@ -347,6 +348,8 @@ def use_fast_allocator(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "run" and not args.out:
+        args.out = f"runs/{args.preset or 'quick'}"
     if argv is None and args.command in TRAINING_COMMANDS:
         use_fast_allocator(args)
     quiet_libraries()

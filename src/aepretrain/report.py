@@ -171,7 +171,7 @@ def study_blocks(out: Path) -> list[Block]:
                    "when the mean paired difference exceeds twice its standard error."))
     b.append(_table(["labelled fraction", "labelled images", "arm", "seeds", "test accuracy mean", "std",
                      "gain over scratch", "± s.e.", "verdict"],
-                    [[r["fraction"], r["labelled"], r["arm"], r["seeds"], r["mean"], r["std"], r.get("gain"),
+                    [[f"{r['fraction']:g}", r["labelled"], r["arm"], r["seeds"], r["mean"], r["std"], r.get("gain"),
                       r.get("gain_se"), r.get("verdict", "")] for r in summary]))
     sentences = []
     for r in summary:

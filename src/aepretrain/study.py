@@ -74,7 +74,7 @@ def summarize(cells: list[dict[str, Any]], objectives: list[str]) -> list[dict[s
                 se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
                 row |= {"gain": float(d.mean()), "gain_se": se,
                         "verdict": "helped" if d.mean() > 2 * se else "hurt" if d.mean() < -2 * se else
-                        "no clear difference"}
+                        "made no clear difference"}
             rows.append(row)
     return rows
 
