@@ -37,3 +37,13 @@ def test_unknown_yaml_key_names_the_closest(tmp_path: Path) -> None:
     file.write_text("pretrain:\n  epoch: 3\n")
     with pytest.raises(UserError, match=r"unknown setting 'pretrain.epoch' in .*c.yaml \(closest valid: pretrain.epochs\)"):
         resolve("quick", file)
+
+
+def test_settings_saved_by_another_version_still_load_without_strictness() -> None:
+    from aepretrain.config import from_dict
+
+    saved = resolve("quick").to_dict()
+    saved["trainer"]["compile"] = False  # a setting an older version had
+    with pytest.raises(UserError, match="unknown setting 'trainer.compile'"):
+        from_dict(saved)
+    assert from_dict(saved, strict=False).model.blocks[0].channels == [16]

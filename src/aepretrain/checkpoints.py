@@ -84,7 +84,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | P
 
 
 def config_of(meta: dict[str, str]) -> Config:
-    return from_dict(json.loads(meta["config"]), "the checkpoint's settings")
+    return from_dict(json.loads(meta["config"]), "the checkpoint's settings", strict=False)
 
 
 def load_classifier(path: str | Path) -> tuple[Classifier, dict[str, Any]]:

@@ -327,12 +327,24 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
     return nested
 
 
-def from_dict(values: dict[str, Any], where: str = "saved settings") -> Config:
-    """Rebuild settings saved by a run (``config.yaml``)."""
+def from_dict(values: dict[str, Any], where: str = "saved settings", strict: bool = True) -> Config:
+    """Rebuild settings saved by a run (``config.yaml``). Not strict: keys this version lacks are dropped,
+    so a checkpoint written by another version still loads."""
     cfg = Config()
-    _merge(cfg, values, "", where)
+    _merge(cfg, values if strict else _known(values, cfg), "", where)
     _validate(cfg)
     return cfg
+
+
+def _known(values: dict[str, Any], target: Any) -> dict[str, Any]:
+    fields = {f.name for f in dataclasses.fields(target)}
+    kept = {}
+    for key, value in values.items():
+        if key in fields:
+            current = getattr(target, key)
+            kept[key] = _known(value, current) if dataclasses.is_dataclass(current) and isinstance(value, dict) \
+                else value
+    return kept
 
 
 def differences(a: Config, b: Config, ignore: set[str] = frozenset()) -> list[tuple[str, Any, Any]]:
