@@ -8,14 +8,21 @@ The Python API, the same the CLI calls:
     >>> aepretrain.predict(["cat.jpg"], "runs/demo/checkpoints/classifier-pretrained.safetensors")  # doctest: +SKIP
 """
 
+from importlib import import_module
+from typing import Any
+
 __version__ = "0.1.0"
 
-from .config import Config, resolve  # noqa: E402
-from .data import prepare  # noqa: E402
-from .errors import UserError  # noqa: E402
-from .pipeline import run, run_evaluate, run_finetune, run_pretrain  # noqa: E402
-from .predict import predict  # noqa: E402
-from .report import write_report  # noqa: E402
+# Imported on first use, so that `aepretrain --help` does not wait for torch and Lightning.
+_API = {
+    "Config": "config", "resolve": "config", "UserError": "errors", "prepare": "data", "run": "pipeline",
+    "run_pretrain": "pipeline", "run_finetune": "pipeline", "run_evaluate": "pipeline", "predict": "predict",
+    "write_report": "report", "study": "study", "bench": "bench",
+}
+__all__ = [*_API, "__version__"]
 
-__all__ = ["Config", "UserError", "predict", "prepare", "resolve", "run", "run_evaluate", "run_finetune",
-           "run_pretrain", "write_report", "__version__"]
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'aepretrain' has no attribute '{name}'")
+    return getattr(import_module(f".{_API[name]}", __name__), name)
