@@ -84,7 +84,7 @@ def test_damaged_files_are_skipped_with_reasons_and_the_rest_used(tiny_pets: Pat
 
 @pytest.mark.parametrize("args, message", [
     (["--dataset", "oxford-pets", "--root", "/nonexistent/pets"], "data root not found: /nonexistent/pets"),
-    (["--dataset", "oxford-pest"], "unknown data set 'oxford-pest' (closest: oxford-pets)"),
+    (["--dataset", "oxford-pest"], "unknown data set 'oxford-pest' (closest valid: oxford-pets)"),
     (["--dataset", "folder", "--root", "/nonexistent"], "data root not found"),
 ])
 def test_bad_data_arguments_get_one_line(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -149,17 +149,17 @@ def test_fashion_mnist_missing_says_how_to_get_it(tmp_path: Path, capsys: pytest
 
 
 def test_cache_is_reused_and_rebuilt_when_a_file_changes(tiny_pets: Path) -> None:
-    cfg = resolve("seed", **{"data.root": str(tiny_pets), "data.image_size": 24})
+    cfg = resolve("seed", **{"data.root": str(tiny_pets), "data.image_size": 48})
     prepare(cfg.data, 0)
     from aepretrain.data.cache import cache_root
 
-    files = sorted(cache_root(None).glob("oxford-pets-*-24-*.npz"))
+    files = sorted(cache_root(None).glob("oxford-pets-*-48-*.npz"))
     assert len(files) == 2
     prepare(cfg.data, 0)
-    assert sorted(cache_root(None).glob("oxford-pets-*-24-*.npz")) == files
+    assert sorted(cache_root(None).glob("oxford-pets-*-48-*.npz")) == files
     photo(999).save(tiny_pets / "images" / "Bengal_1.jpg", "JPEG")
     prepare(cfg.data, 0)
-    assert len(sorted(cache_root(None).glob("oxford-pets-*-24-*.npz"))) == 3
+    assert len(sorted(cache_root(None).glob("oxford-pets-*-48-*.npz"))) == 3
 
 
 def test_splits_are_stratified_seeded_and_disjoint() -> None:

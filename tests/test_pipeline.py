@@ -122,7 +122,7 @@ def test_frozen_blocks_do_not_change_during_a_later_stage(tmp_path: Path) -> Non
     before = {k: v.clone() for k, v in encoder.blocks[:2].state_dict().items()}
     stage3 = Autoencoder(encoder, 3)
     fit = trainer(cfg, tmp_path, "stage3", 2, [])
-    fit.fit(StageModule(stage3, cfg, 4, tmp_path), loader(bundle.ae, 16, True, cfg))
+    fit.fit(StageModule(stage3, cfg, tmp_path), loader(bundle.ae, 16, True, cfg))
     after = encoder.blocks[:2].state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "blocks 1-2 changed while frozen"
     assert not torch.equal(encoder.blocks[2].bn1.running_mean, torch.full_like(encoder.blocks[2].bn1.running_mean, 0.3))

@@ -167,3 +167,23 @@ def test_nan_loss_stops_with_stage_epoch_step(tmp_path: Path, capsys: pytest.Cap
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "stage1: the loss became" in err and "at epoch" in err and "step" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--image-size", "28"], "data.image_size 28 must be a multiple of 8"),
+    (["run", "--device", "gpux"], "unknown device 'gpux'"),
+    (["run", "--device", "cuda"], "cannot set up training with device=cuda"),
+])
+def test_device_and_size_mistakes_get_one_line(args: list[str], message: str, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*args, "--out", str(tmp_path / "o"), "--dataset", "synthetic", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_report_of_an_unfinished_folder_says_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "pre"
+    assert main(["pretrain", "--out", str(out), *TINY, "--set", "pretrain.epochs=1"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 2
+    assert "holds no finetune results" in capsys.readouterr().err

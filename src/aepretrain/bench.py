@@ -114,8 +114,7 @@ def loop_rate(name: str, model: nn.Module, cfg: Config, data: Labelled, batch: i
               precision: str) -> float:
     """The real training loop (Lightning, the cached-data loader, on-device augmentation), per batch."""
     clock = BatchClock()
-    module = ClassifierModule(model, cfg, 1, None, name) if name == "classifier" else \
-        StageModule(model, cfg, 1, None)
+    module = ClassifierModule(model, cfg, None, name) if name == "classifier" else StageModule(model, cfg, None)
     fit = L.Trainer(accelerator=cfg.trainer.device, devices=1, precision=precision, max_epochs=1,
                     limit_train_batches=warmup + steps + 1, limit_val_batches=0, logger=False,
                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.rank_zero import rank_zero_only
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -26,6 +25,7 @@ from torch import nn
 from .config import Config, from_dict
 from .errors import UserError
 from .models import Autoencoder, Classifier, Encoder, build_encoder
+from .training import is_global_zero
 
 FORMAT = "aepretrain-1"
 
@@ -33,7 +33,7 @@ FORMAT = "aepretrain-1"
 def save_model(model: nn.Module, path: str | Path, kind: str, cfg: Config, in_channels: int,
                extra: dict[str, Any] | None = None) -> Path:
     path = Path(path)
-    if getattr(rank_zero_only, "rank", 0) != 0:  # under DDP every process holds the same weights
+    if not is_global_zero():  # under DDP every process holds the same weights
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

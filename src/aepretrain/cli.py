@@ -65,7 +65,7 @@ def pretrain_source(value: str) -> tuple[str, str | None]:
 
 def resolve_args(args: argparse.Namespace) -> Any:
     """The settings: preset, --config, --set, then flags; a resumed run takes the ones it was started with."""
-    from .config import differences, from_dict, resolve
+    from .config import differences, load, resolve
 
     flags = {key: getattr(args, flag, None) for flag, key in COMMON.items()}
     flags["trainer.smoke"] = getattr(args, "smoke", None)
@@ -81,9 +81,7 @@ def resolve_args(args: argparse.Namespace) -> Any:
     cfg = resolve(args.preset or "quick", args.config, args.set, **flags)
     saved = Path(getattr(args, "out", None) or "") / "config.yaml"
     if getattr(args, "resume", False) and saved.is_file():
-        import yaml
-
-        previous = from_dict(yaml.safe_load(saved.read_text()), str(saved))
+        previous = load(saved)
         given = args.preset or args.config or args.set or any(v is not None for v in flags.values())
         changed = differences(previous, cfg, ignore={"trainer.progress"})
         if given and changed:
@@ -346,6 +344,11 @@ def use_fast_allocator(args: argparse.Namespace) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "aepretrain", *sys.argv[1:]], env)
 
 
+def interrupted() -> int:
+    print("aepretrain: interrupted; what finished is kept in the run folder (--resume continues)", file=sys.stderr)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run" and not args.out:
@@ -359,8 +362,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aepretrain: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("aepretrain: interrupted; what finished is kept in the run folder (--resume continues)", file=sys.stderr)
-        return 130
+        return interrupted()
+    except SystemExit:
+        if "aepretrain.training" in sys.modules and sys.modules["aepretrain.training"].NoteInterrupt.interrupted:
+            return interrupted()  # Lightning exits with status 1 after Ctrl-C in a fit
+        raise
     except BrokenPipeError:  # output piped into `head`: not an error
         sys.stderr.close()
     return 0

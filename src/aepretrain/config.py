@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -156,6 +157,7 @@ class Config:
 SCHEDULES = ("constant", "one-cycle", "cosine")
 OBJECTIVES = ("greedy", "greedy-denoising", "greedy-masked", "end-to-end")
 PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed")
+DEVICES = ("auto", "cpu", "cuda", "gpu", "mps")
 
 
 def preset_names() -> list[str]:
@@ -175,7 +177,7 @@ def _load_yaml(text: str, where: str) -> dict[str, Any]:
     return loaded
 
 
-def _closest(key: str, choices: list[str]) -> str:
+def closest(key: str, choices: list[str]) -> str:
     match = difflib.get_close_matches(key, choices, n=1, cutoff=0.0)
     return f" (closest valid: {match[0]})" if match else ""
 
@@ -228,7 +230,7 @@ def _merge(target: Any, updates: dict[str, Any], prefix: str, where: str) -> Any
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
             valid = [f"{prefix}.{name}" if prefix else name for name in fields]
-            raise UserError(f"unknown setting '{dotted}' in {where}{_closest(dotted, valid)}")
+            raise UserError(f"unknown setting '{dotted}' in {where}{closest(dotted, valid)}")
         current = getattr(target, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
@@ -250,13 +252,35 @@ def _dotted_to_nested(assignment: str) -> dict[str, Any]:
 def _validate(cfg: Config) -> None:
     for section in (cfg.pretrain, cfg.finetune):
         if section.schedule not in SCHEDULES:
-            raise UserError(f"unknown schedule '{section.schedule}'{_closest(section.schedule, list(SCHEDULES))}")
+            raise UserError(f"unknown schedule '{section.schedule}'{closest(section.schedule, list(SCHEDULES))}")
     if cfg.pretrain.objective not in OBJECTIVES:
-        raise UserError(f"unknown objective '{cfg.pretrain.objective}'{_closest(cfg.pretrain.objective, list(OBJECTIVES))}"
+        raise UserError(f"unknown objective '{cfg.pretrain.objective}'{closest(cfg.pretrain.objective, list(OBJECTIVES))}"
                         f"; objectives: {', '.join(OBJECTIVES)}")
     for objective in cfg.study.objectives:
         if objective not in OBJECTIVES:
-            raise UserError(f"unknown objective '{objective}' in study.objectives{_closest(objective, list(OBJECTIVES))}")
+            raise UserError(f"unknown objective '{objective}' in study.objectives{closest(objective, list(OBJECTIVES))}")
+    if cfg.trainer.device not in DEVICES:
+        raise UserError(f"unknown device '{cfg.trainer.device}'{closest(cfg.trainer.device, list(DEVICES))}; "
+                        f"devices: {', '.join(DEVICES)}")
+    if not cfg.finetune.arms:
+        raise UserError("finetune.arms is empty: name pretrained, scratch or both")
+    for key, value in (("pretrain.epochs", cfg.pretrain.epochs), ("finetune.epochs", cfg.finetune.epochs),
+                       ("pretrain.batch_size", cfg.pretrain.batch_size), ("finetune.batch_size", cfg.finetune.batch_size),
+                       ("data.image_size", cfg.data.image_size), ("study.seeds", cfg.study.seeds)):
+        if value < 1:
+            raise UserError(f"{key} must be at least 1, got {value}")
+    if len(cfg.augment.brightness) != 2 or not all(isinstance(v, (int, float)) for v in cfg.augment.brightness):
+        raise UserError(f"augment.brightness is a range of two numbers like [0.7, 1.3], got {cfg.augment.brightness}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in cfg.study.label_fractions):
+        raise UserError(f"study.label_fractions takes numbers, got {cfg.study.label_fractions}")
+    for b, block in enumerate(cfg.model.blocks):
+        if not block.channels or not all(isinstance(c, int) and c > 0 for c in block.channels) or block.kernel % 2 == 0:
+            raise UserError(f"model.blocks[{b}] needs positive whole channels and an odd kernel, got "
+                            f"channels {block.channels}, kernel {block.kernel}")
+    factor = 2 ** len(cfg.model.blocks) * max(cfg.model.autoencoder_stride, cfg.model.classifier_stride)
+    if cfg.data.image_size % factor:
+        raise UserError(f"data.image_size {cfg.data.image_size} must be a multiple of {factor} (one halving per "
+                        f"block and the first stride), e.g. {max(factor, round(cfg.data.image_size / factor) * factor)}")
     if cfg.trainer.allocator not in ("auto", "tcmalloc", "default"):
         raise UserError(f"trainer.allocator is auto, tcmalloc or default, not '{cfg.trainer.allocator}'")
     if cfg.trainer.precision not in PRECISIONS:
@@ -268,8 +292,8 @@ def _validate(cfg: Config) -> None:
         raise UserError("model.blocks is empty: the encoder needs at least one block")
     for name in ("val_fraction", "test_fraction", "ae_fraction"):
         value = getattr(cfg.data, name)
-        if not 0.0 <= value < 1.0 and not (name == "ae_fraction" and value == 1.0):
-            raise UserError(f"data.{name} must lie in [0, 1), got {value}")
+        if not 0.0 < value < 1.0 and not (name == "ae_fraction" and value == 1.0):
+            raise UserError(f"data.{name} must lie between 0 and 1 (exclusive), got {value}")
 
 
 def resolve(
@@ -285,7 +309,7 @@ def resolve(
     """
     names = preset_names()
     if preset not in names:
-        raise UserError(f"unknown preset '{preset}'{_closest(preset, names)}; presets: {', '.join(names)}")
+        raise UserError(f"unknown preset '{preset}'{closest(preset, names)}; presets: {', '.join(names)}")
     cfg = Config(preset=preset)
     text = (resources.files("aepretrain") / "presets" / f"{preset}.yaml").read_text()
     _merge(cfg, _load_yaml(text, f"preset {preset}"), "", f"preset {preset}")
@@ -360,4 +384,12 @@ def differences(a: Config, b: Config, ignore: set[str] = frozenset()) -> list[tu
 
 
 def save(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Written whole or not at all (a temporary file, then a rename): config.yaml marks a run folder."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def load(path: Path) -> Config:
+    """Settings saved by a run, with one clear line if the file is damaged."""
+    return from_dict(_load_yaml(path.read_text(), str(path)), str(path))

@@ -7,10 +7,12 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from .data.base import Labelled
@@ -18,17 +20,22 @@ from .models import Classifier
 
 
 @torch.no_grad()
-def logits_of(classifier: Classifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Logits for uint8 NHWC images, in eval mode, batch by batch, on the classifier's device."""
-    device = next(classifier.parameters()).device
-    was_training = classifier.training
-    classifier.eval()
+def over_batches(model: nn.Module, images: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor],
+                 batch_size: int = 256) -> torch.Tensor:
+    """``fn`` of uint8 NHWC images scaled to [0, 1], batch by batch on the model's device, in eval mode."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
     out = []
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size].to(device).permute(0, 3, 1, 2).float().div_(255.0)
-        out.append(classifier(x).float().cpu())
-    classifier.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, classifier.dense.out_features)
+        out.append(fn(x).float().cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def logits_of(classifier: Classifier, images: torch.Tensor) -> torch.Tensor:
+    return over_batches(classifier, images, classifier)
 
 
 def evaluate(classifier: Classifier, test: Labelled, classes: list[str]) -> dict[str, Any]:

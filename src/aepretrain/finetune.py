@@ -26,13 +26,13 @@ from .config import Config
 from .data import DataBundle
 from .models import Classifier, Encoder, build_encoder
 from .training import (History, augmenter, check_finite, last_checkpoint, loader, log_samples, read_done,
-                       scheduler, steps_per_epoch, to_float, trainer, write_json)
+                       scheduler, to_float, trainer, write_json)
 
 
 class ClassifierModule(L.LightningModule):
-    def __init__(self, classifier: Classifier, cfg: Config, steps: int, out: Path, name: str) -> None:
+    def __init__(self, classifier: Classifier, cfg: Config, out: Path | None, name: str) -> None:
         super().__init__()
-        self.classifier, self.cfg, self.steps, self.out, self.name = classifier, cfg, steps, out, name
+        self.classifier, self.cfg, self.out, self.name = classifier, cfg, out, name
         self.augment = augmenter(cfg.augment)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +71,7 @@ class ClassifierModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         f = self.cfg.finetune
         optimizer = torch.optim.Adam(self.classifier.parameters(), lr=f.lr, weight_decay=f.weight_decay)
-        sched = scheduler(optimizer, f.schedule, f.lr, f.epochs, self.steps)
+        sched = scheduler(optimizer, f.schedule, f.lr, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": sched} if sched else optimizer
 
 
@@ -144,7 +144,7 @@ def finetune(cfg: Config, bundle: DataBundle, out: Path, init: str, encoder: Enc
     if cfg.trainer.channels_last:
         classifier.to(memory_format=torch.channels_last)
     f = cfg.finetune
-    module = ClassifierModule(classifier, cfg, steps_per_epoch(len(bundle.train), f.batch_size), out, init)
+    module = ClassifierModule(classifier, cfg, out, init)
     history, best = History(cfg.seed), KeepBest()
     callbacks: list[Callback] = [best, history]
     if f.early_stopping_patience is not None:

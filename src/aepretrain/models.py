@@ -126,8 +126,8 @@ class Classifier(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.dense = nn.Linear(encoder.out_channels, num_classes)
 
-    def features(self, x: torch.Tensor, depth: int | None = None) -> torch.Tensor:
-        return self.pool(self.encoder(x, depth))
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.encoder(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense(self.dropout(self.features(x)))

@@ -81,8 +81,10 @@ def _start(cfg: Config, out: Path, resume: bool, overwrite: bool) -> tuple[Path,
     set_threads()
     main = is_global_zero()
     if main:  # other DDP processes start once the first has set the folder up
+        started = (out / RUN_MARKER).is_file() and resume
         out = run_folder(out, resume, overwrite)
-        config_module.save(cfg, out / RUN_MARKER)
+        if not started:  # a resumed run, or an arm added to one, keeps the settings it was started with
+            config_module.save(cfg, out / RUN_MARKER)
     bundle = prepare(cfg.data, cfg.seed)
     labels_required(bundle)
     write_json(out / "data.json", describe(bundle, out / "figures" / "samples.png" if main else None))
@@ -162,7 +164,9 @@ def run_finetune(cfg: Config, out: str | Path, init: str, encoder_path: str | No
 def run_evaluate(cfg: Config, checkpoint: str | Path, out: Path | None) -> dict[str, Any]:
     """Test a classifier checkpoint on the test split of the configured data."""
     classifier, meta = load_classifier(checkpoint)
-    bundle = prepare(cfg.data, cfg.seed)
+    trained = meta["config"]  # the split the model was trained with, so its training images stay out of the test
+    split = {k: getattr(trained.data, k) for k in ("val_fraction", "test_fraction", "train_limit", "test_limit")}
+    bundle = prepare(dataclasses.replace(cfg.data, **split), trained.seed)
     labels_required(bundle)
     if meta["classes"] != bundle.classes or meta["in_channels"] != bundle.channels:
         raise UserError(f"{checkpoint} was trained on {len(meta['classes'])} classes of {meta['in_channels']} "

@@ -24,16 +24,16 @@ from .config import Config
 from .data import DataBundle, Labelled
 from .data.splits import stratified_split
 from .models import Autoencoder, Encoder, build_encoder, summarize
-from .training import (History, check_finite, last_checkpoint, loader, log_samples, read_done, scheduler,
-                       steps_per_epoch, to_float, trainer, write_json)
+from .training import (History, check_finite, epoch_seed, last_checkpoint, loader, log_samples, read_done, scheduler,
+                       to_float, trainer, write_json)
 
 
 class StageModule(L.LightningModule):
     """One greedy stage: pixel MSE, Adam over the trainable (unfrozen) parameters only."""
 
-    def __init__(self, autoencoder: Autoencoder, cfg: Config, steps: int, out: Path) -> None:
+    def __init__(self, autoencoder: Autoencoder, cfg: Config, out: Path | None) -> None:
         super().__init__()
-        self.autoencoder, self.cfg, self.steps, self.out = autoencoder, cfg, steps, out
+        self.autoencoder, self.cfg, self.out = autoencoder, cfg, out
         self.name = f"stage{autoencoder.stage}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +72,7 @@ class StageModule(L.LightningModule):
         p = self.cfg.pretrain
         params = [q for q in self.autoencoder.parameters() if q.requires_grad]
         optimizer = torch.optim.Adam(params, lr=p.lr)
-        sched = scheduler(optimizer, p.schedule, p.lr, p.epochs, self.steps)
+        sched = scheduler(optimizer, p.schedule, p.lr, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": sched} if sched else optimizer
 
 
@@ -115,10 +115,11 @@ def pretrain(cfg: Config, bundle: DataBundle, out: Path, resume: bool = False,
     depth = len(cfg.model.blocks)
     end_to_end = cfg.pretrain.objective == "end-to-end"  # one stage: every block and the full decoder at once
     for stage in [depth] if end_to_end else range(1, depth + 1):
+        torch.manual_seed(epoch_seed(cfg.seed, stage, salt=2))  # the decoder's start needs no earlier stage's draws
         autoencoder = Autoencoder(encoder, stage, frozen=0 if end_to_end else None)
         if cfg.trainer.channels_last:
             autoencoder.to(memory_format=torch.channels_last)
-        module = StageModule(autoencoder, cfg, steps_per_epoch(len(ae_train), batch), out)
+        module = StageModule(autoencoder, cfg, out)
         fit = None
         record = read_done(stage_path(out, stage).with_suffix(".json"), resume)
         if record is not None:  # finished before the interruption: its weights, not a second training
@@ -141,7 +142,7 @@ def pretrain(cfg: Config, bundle: DataBundle, out: Path, resume: bool = False,
         result.stages.append(record)
     last = result.autoencoders[-1]
     tester = trainer(cfg, out, "test", 1, [])
-    tested = tester.test(StageModule(last, cfg, 1, out), loader(bundle.test, batch, False, cfg), verbose=False)
+    tested = tester.test(StageModule(last, cfg, out), loader(bundle.test, batch, False, cfg), verbose=False)
     result.test_mse = float(tested[0]["test_mse"])
     return result
 

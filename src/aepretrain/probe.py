@@ -17,23 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from .data import DataBundle
+from .evaluate import over_batches
 from .models import Encoder
 
 KNN_K = 10
 
 
-@torch.no_grad()
-def features(encoder: Encoder, images: torch.Tensor, depth: int, batch_size: int = 512) -> torch.Tensor:
+def features(encoder: Encoder, images: torch.Tensor, depth: int) -> torch.Tensor:
     """GAP features of uint8 NHWC images after ``depth`` blocks, in eval mode (BatchNorm statistics fixed)."""
-    was_training = encoder.training
-    encoder.eval()
-    device = next(encoder.parameters()).device
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size].to(device).permute(0, 3, 1, 2).float().div_(255.0)
-        out.append(encoder(x, depth).float().mean(dim=(2, 3)).cpu())
-    encoder.train(was_training)
-    return torch.cat(out)
+    return over_batches(encoder, images, lambda x: encoder(x, depth).mean(dim=(2, 3)), batch_size=512)
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, evals: list[torch.Tensor], classes: int,

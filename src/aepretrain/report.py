@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from . import figures
-from .config import from_dict
+from .config import load
 from .errors import UserError
 from .models import summary
 from .probe import KNN_K
@@ -63,9 +63,20 @@ def _load(out: Path, name: str) -> Any:
     return yaml.safe_load(path.read_text()) if name.endswith(".yaml") else json.loads(path.read_text())
 
 
+def finished_metrics(out: Path) -> dict[str, Any]:
+    """metrics.json of a run that `aepretrain run` finished; one line saying what is missing otherwise."""
+    m = _load(out, "metrics.json")
+    for step in ("pretrain", "finetune", "target_accuracy"):
+        if step not in m:
+            raise UserError(f"{out} holds no {step} results: a report needs a folder that `aepretrain run` "
+                            "finished (pretrain or finetune alone are not enough)")
+    return m
+
+
 def blocks(out: Path) -> list[Block]:
-    cfg = from_dict(_load(out, "config.yaml"), str(out / "config.yaml"))
-    data, m = _load(out, "data.json"), _load(out, "metrics.json")
+    _load(out, "config.yaml")  # one clear line if it is missing
+    cfg = load(out / "config.yaml")
+    data, m = _load(out, "data.json"), finished_metrics(out)
     fig = out / "figures"
     d = m["dataset"]
     f, p = cfg.finetune, cfg.pretrain
@@ -241,7 +252,7 @@ STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0
 def write_report(out: str | Path) -> tuple[Path, Path]:
     """Figures from metrics.json, then report.md and report.html in ``out``."""
     out = Path(out)
-    m, data = _load(out, "metrics.json"), _load(out, "data.json")
+    m, data = finished_metrics(out), _load(out, "data.json")
     fig = out / "figures"
     figures.pretrain_curves(m["pretrain"]["stages"], fig / "pretrain-curves.png")
     figures.finetune_curves(m["finetune"], m.get("target_accuracy"), fig / "finetune-curves.png")

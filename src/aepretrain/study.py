@@ -31,7 +31,7 @@ from .evaluate import evaluate
 from .finetune import epochs_to_target, finetune
 from .models import Encoder
 from .pretrain import pretrain
-from .training import set_threads, steps_per_epoch, write_json
+from .training import is_global_zero, set_threads, steps_per_epoch, write_json
 
 
 def nested_fractions(labels: np.ndarray, fractions: list[float], seed: int) -> dict[float, np.ndarray]:
@@ -54,7 +54,7 @@ def _encoder(cfg: Config, bundle: DataBundle, out: Path) -> Encoder:
     return pretrain(cfg, bundle, out, resume=True, images=images).encoder
 
 
-def summarize(cells: list[dict[str, Any]], objectives: list[str]) -> list[dict[str, Any]]:
+def summarize_cells(cells: list[dict[str, Any]], objectives: list[str]) -> list[dict[str, Any]]:
     """Mean and spread per fraction and arm, and each objective's paired difference from scratch."""
     rows = []
     for fraction in sorted({c["fraction"] for c in cells}):
@@ -90,12 +90,14 @@ def study(cfg: Config, out: str | Path, overwrite: bool = False) -> dict[str, An
     out = Path(out)
     record_path = out / "study.json"
     settings = {"preset": cfg.preset, "label_fractions": fractions, "seeds": s.seeds, "objectives": objectives,
-                "epochs": s.epochs, "min_steps": s.min_steps, "val_limit": s.val_limit, "base_seed": cfg.seed}
+                "epochs": s.epochs, "min_steps": s.min_steps, "val_limit": s.val_limit, "base_seed": cfg.seed,
+                "config": {k: v for k, v in cfg.to_dict().items() if k not in ("trainer", "study", "predict")}}
     record: dict[str, Any] = {"settings": settings, "cells": []}
     if record_path.is_file() and not overwrite:
         record = json.loads(record_path.read_text())
         if record["settings"] != settings:
-            raise UserError(f"{out} holds a study with other settings ({record['settings']}); "
+            changed = [k for k in settings if record["settings"].get(k) != settings[k]]
+            raise UserError(f"{out} holds a study with other settings ({', '.join(changed)} differ); "
                             "pass --overwrite or another --out")
     out.mkdir(parents=True, exist_ok=True)
     done = {(c["fraction"], c["arm"], c["seed"]) for c in record["cells"]}
@@ -119,7 +121,7 @@ def study(cfg: Config, out: str | Path, overwrite: bool = False) -> dict[str, An
                     acfg = _seeded(cfg, seed, arm)
                     encoders[arm] = _encoder(acfg, bundle, out / "pretrain" / f"{arm}-seed{seed}")
                 c = _seeded(cfg, seed)
-                c.finetune.epochs, c.trainer.progress = epochs, cfg.trainer.progress
+                c.finetune.epochs = epochs
                 cell = out / "cells" / f"f{fraction:g}-{arm}-seed{seed}"
                 result = finetune(c, labelled, cell, "scratch" if arm == "scratch" else "pretrained",
                                   encoders.get(arm), resume=True)
@@ -130,13 +132,15 @@ def study(cfg: Config, out: str | Path, overwrite: bool = False) -> dict[str, An
                     "best_val_accuracy": result.best_val_accuracy, "history": result.history,
                     "seconds": result.seconds})
                 write_json(record_path, record)
-    for c in record["cells"]:  # epochs to 95 % of the scratch arm's best, same fraction and seed
+    for c in record["cells"]:  # epochs to target_fraction x the scratch arm's best, same fraction and seed
         scratch = next(x for x in record["cells"] if (x["fraction"], x["seed"], x["arm"]) ==
                        (c["fraction"], c["seed"], "scratch"))
-        c["target"] = 0.95 * scratch["best_val_accuracy"]
+        c["target"] = cfg.finetune.target_fraction * scratch["best_val_accuracy"]
         c["epochs_to_target"] = epochs_to_target(c["history"], c["target"])
-    record["summary"] = summarize(record["cells"], objectives)
+    record["summary"] = summarize_cells(record["cells"], objectives)
     write_json(record_path, record)
+    if not is_global_zero():
+        return record
     with open(out / "study.csv", "w", newline="") as f:
         keys = ["fraction", "labelled", "arm", "seed", "epochs", "test_accuracy", "test_loss", "best_val_accuracy",
                 "epochs_to_target", "seconds"]

@@ -21,6 +21,7 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -90,9 +91,11 @@ def to_float(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def scheduler(optimizer: torch.optim.Optimizer, schedule: str, lr: float, epochs: int, steps_per_epoch: int
+def scheduler(optimizer: torch.optim.Optimizer, schedule: str, lr: float, total_steps: int | float
               ) -> dict[str, Any] | None:
-    total = max(1, epochs * steps_per_epoch)
+    """Per-step schedule over the fit's real number of optimizer steps (Lightning's estimate counts dropped
+    batches, limits and the share of each DDP process)."""
+    total = max(1, int(total_steps))
     if schedule == "one-cycle":
         sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total)
     elif schedule == "cosine":
@@ -147,6 +150,16 @@ class History(Callback):
         return round(sum(row["seconds"] for row in self.epochs), 2)
 
 
+class NoteInterrupt(Callback):
+    """Lightning turns Ctrl-C during a fit into exit status 1; this keeps the fact so the CLI can say so."""
+
+    interrupted = False
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            NoteInterrupt.interrupted = True
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoints written to a temporary file, then renamed: a kill or a full disk mid-write
     leaves the previous checkpoint whole."""
@@ -183,14 +196,20 @@ def trainer(cfg: Config, out: Path, name: str, epochs: int, callbacks: list[Call
     resume_ckpt = ModelCheckpoint(dirpath=resume_dir(out, name), filename="last", save_top_k=1, every_n_epochs=1,
                                   save_on_train_epoch_end=True, enable_version_counter=False)
     bars = [TQDMProgressBar(leave=True)] if t.progress else []
-    return L.Trainer(
-        accelerator=t.device, devices=devices, num_nodes=t.num_nodes, strategy=t.strategy,
-        sync_batchnorm=t.sync_batchnorm, precision=resolved_precision(t.precision, t.device),
-        max_epochs=epochs, gradient_clip_val=t.gradient_clip_val, deterministic=False,
-        logger=[CSVLogger(logs, name=name, version=""), TensorBoardLogger(logs, name=name, version="")],
-        callbacks=[*callbacks, resume_ckpt, *bars], enable_progress_bar=t.progress, plugins=[AtomicCheckpointIO()],
-        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10, **smoke,
-    )
+    try:
+        return L.Trainer(
+            accelerator=t.device, devices=devices, num_nodes=t.num_nodes, strategy=t.strategy,
+            sync_batchnorm=t.sync_batchnorm, precision=resolved_precision(t.precision, t.device),
+            max_epochs=epochs, gradient_clip_val=t.gradient_clip_val, deterministic=False,
+            logger=[CSVLogger(logs, name=name, version=""), TensorBoardLogger(logs, name=name, version="")],
+            callbacks=[*callbacks, NoteInterrupt(), resume_ckpt, *bars], enable_progress_bar=t.progress,
+            plugins=[AtomicCheckpointIO()],
+            enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10, **smoke,
+        )
+    except (MisconfigurationException, ValueError, RuntimeError) as exc:  # a device, strategy or precision
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot set up training with device={t.device}, devices={t.devices}, "
+                        f"strategy={t.strategy}, precision={t.precision}: {first}") from None
 
 
 def resume_dir(out: Path, name: str) -> Path:
@@ -227,8 +246,14 @@ def read_done(path: Path, resume: bool) -> dict[str, Any] | None:
 
 
 def check_finite(loss: torch.Tensor, module: L.LightningModule, name: str, out: Path | None, batch_idx: int) -> None:
-    """Stop at the first NaN or infinite loss, saying where and which checkpoint is the last good one."""
-    if not torch.isfinite(loss):
+    """Stop at the first NaN or infinite loss, saying where and which checkpoint is the last good one.
+
+    Under DDP every process learns of a fault in any of them, so that none waits for the others forever.
+    """
+    bad = not bool(torch.isfinite(loss))
+    if module.trainer.world_size > 1:
+        bad = module.trainer.strategy.reduce_boolean_decision(bad, all=False)
+    if bad:
         last = resume_dir(out, name) / "last.ckpt" if out else None
         where = f"the last good checkpoint is {last} (--resume continues from it)" if last and last.is_file() else \
             "no epoch finished, so there is no checkpoint yet"

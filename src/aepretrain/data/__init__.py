@@ -9,13 +9,12 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 import dataclasses
 from collections.abc import Callable
 
 import numpy as np
 
-from ..config import Config, DataConfig
+from ..config import Config, DataConfig, closest
 from ..errors import UserError
 from . import fashion_mnist, folder, oxford_pets, synthetic
 from .base import UNLABELLED, DataBundle, Labelled, Source
@@ -33,9 +32,8 @@ __all__ = ["READERS", "DataBundle", "Labelled", "Source", "UNLABELLED", "prepare
 
 def read_source(cfg: DataConfig, seed: int) -> Source:
     if cfg.dataset not in READERS:
-        match = difflib.get_close_matches(cfg.dataset, list(READERS), n=1)
-        hint = f" (closest: {match[0]})" if match else ""
-        raise UserError(f"unknown data set '{cfg.dataset}'{hint}; choose one of {', '.join(READERS)}")
+        raise UserError(f"unknown data set '{cfg.dataset}'{closest(cfg.dataset, list(READERS))}; "
+                        f"choose one of {', '.join(READERS)}")
     return READERS[cfg.dataset](root=cfg.root, size=cfg.image_size, cache_dir=cfg.cache_dir,
                                 max_pixels=cfg.max_pixels, seed=seed, classes=cfg.synthetic_classes,
                                 per_class=cfg.synthetic_per_class)
