@@ -14,7 +14,7 @@ from typing import Any
 from . import __version__
 from .errors import UserError
 
-TRAINING_COMMANDS = ("run", "pretrain", "finetune", "evaluate", "bench")
+TRAINING_COMMANDS = ("run", "pretrain", "finetune", "evaluate", "bench", "study")
 COMMON = {  # flag -> dotted setting
     "dataset": "data.dataset", "root": "data.root", "seed": "seed", "precision": "trainer.precision",
     "device": "trainer.device", "devices": "trainer.devices", "num_nodes": "trainer.num_nodes",
@@ -313,9 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def quiet_libraries() -> None:
     """Keep the terminal for progress and results: no device banners, no advice we already follow."""
+    import lightning.pytorch  # noqa: F401  (it sets its loggers' levels on import: set ours after)
+
     for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    for message in (".*does not have many workers.*", ".*number of training batches.*", ".*LitLogger.*",
+    for message in (".*does not have many workers.*", ".*number of training batches.*", ".*LitLogger.*", ".*LeafSpec.*",
                     r".*module\(s\) in eval mode.*"):
         warnings.filterwarnings("ignore", message=message)
 
@@ -355,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out = f"runs/{args.preset or 'quick'}"
     if argv is None and args.command in TRAINING_COMMANDS:
         use_fast_allocator(args)
-    quiet_libraries()
+    if args.command in TRAINING_COMMANDS:
+        quiet_libraries()
     try:
         args.handler(args)
     except UserError as exc:
