@@ -120,7 +120,6 @@ def pretrain(cfg: Config, bundle: DataBundle, out: Path, resume: bool = False,
         if cfg.trainer.channels_last:
             autoencoder.to(memory_format=torch.channels_last)
         module = StageModule(autoencoder, cfg, out)
-        fit = None
         record = read_done(stage_path(out, stage).with_suffix(".json"), resume)
         if record is not None:  # finished before the interruption: its weights, not a second training
             load_weights(autoencoder, read_checkpoint(stage_path(out, stage), "autoencoder")[0], stage_path(out, stage))

@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from . import figures
 from .config import load
@@ -60,7 +59,7 @@ def _load(out: Path, name: str) -> Any:
     path = out / name
     if not path.is_file():
         raise UserError(f"{out} holds no {name}: is it a finished aepretrain run folder?")
-    return yaml.safe_load(path.read_text()) if name.endswith(".yaml") else json.loads(path.read_text())
+    return load(path) if name.endswith(".yaml") else json.loads(path.read_text())
 
 
 def finished_metrics(out: Path) -> dict[str, Any]:
@@ -74,8 +73,7 @@ def finished_metrics(out: Path) -> dict[str, Any]:
 
 
 def blocks(out: Path) -> list[Block]:
-    _load(out, "config.yaml")  # one clear line if it is missing
-    cfg = load(out / "config.yaml")
+    cfg = _load(out, "config.yaml")
     data, m = _load(out, "data.json"), finished_metrics(out)
     fig = out / "figures"
     d = m["dataset"]
