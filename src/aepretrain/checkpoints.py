@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from torch import nn
 
 from .config import Config, from_dict
 from .errors import UserError
+from .fileio import atomic_write, first_line
 from .models import Autoencoder, Classifier, Encoder, build_encoder
 from .training import is_global_zero
 
@@ -40,13 +40,10 @@ def save_model(model: nn.Module, path: str | Path, kind: str, cfg: Config, in_ch
     meta = {"format": FORMAT, "kind": kind, "preset": cfg.preset, "config": json.dumps(cfg.to_dict()),
             "in_channels": str(in_channels), "image_size": str(cfg.data.image_size)}
     meta |= {k: json.dumps(v) for k, v in (extra or {}).items()}
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        save_file(state, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
     except (OSError, SafetensorError) as exc:  # safetensors reports I/O errors (a full disk) as its own type
-        tmp.unlink(missing_ok=True)
-        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        reason = getattr(exc, "strerror", None) or first_line(exc)
         raise UserError(f"could not write {path}: {reason} (the previous file is untouched)") from None
     return path
 

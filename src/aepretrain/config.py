@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
+from .fileio import atomic_write
 
 
 @dataclass
@@ -385,9 +385,7 @@ def differences(a: Config, b: Config, ignore: set[str] = frozenset()) -> list[tu
 
 def save(cfg: Config, path: Path) -> None:
     """Written whole or not at all (a temporary file, then a rename): config.yaml marks a run folder."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def load(path: Path) -> Config:

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .config import AugmentConfig, Config
 from .data.base import Labelled
 from .errors import UserError
+from .fileio import atomic_write, first_line, write_stream
 
 
 class ImageDataset(Dataset):
@@ -167,15 +168,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write_stream(path, lambda f: torch.save(checkpoint, f))
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise UserError(f"could not write checkpoint {path}: {exc.strerror or exc}; "
                             "the previous checkpoint is intact (--resume continues from it)") from None
 
@@ -183,8 +178,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"cannot load checkpoint {path} safely: {first[:200]}") from None
+            raise UserError(f"cannot load checkpoint {path} safely: {first_line(exc)[:200]}") from None
 
 
 def trainer(cfg: Config, out: Path, name: str, epochs: int, callbacks: list[Callback]) -> L.Trainer:
@@ -207,9 +201,8 @@ def trainer(cfg: Config, out: Path, name: str, epochs: int, callbacks: list[Call
             enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10, **smoke,
         )
     except (MisconfigurationException, ValueError, RuntimeError) as exc:  # a device, strategy or precision
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot set up training with device={t.device}, devices={t.devices}, "
-                        f"strategy={t.strategy}, precision={t.precision}: {first}") from None
+                        f"strategy={t.strategy}, precision={t.precision}: {first_line(exc)}") from None
 
 
 def resume_dir(out: Path, name: str) -> Path:
@@ -235,9 +228,7 @@ def write_json(path: Path, value: Any) -> None:
     """Written whole or not at all: a temporary file, then a rename; by the first process only."""
     if not is_global_zero():
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(value, indent=2))
 
 
 def read_done(path: Path, resume: bool) -> dict[str, Any] | None:

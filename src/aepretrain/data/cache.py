@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fileio import write_stream
 from .base import Labelled
 from .images import decode_many
 
@@ -58,10 +59,8 @@ def cached(cache_dir: str | None, name: str, key: str, build: Callable[[], tuple
     data, skipped = build()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
         meta = json.dumps({"names": data.names, "skipped": skipped})
-        np.savez(tmp, images=data.images, labels=data.labels, meta=np.array(meta))
-        os.replace(tmp, path)
+        write_stream(path, lambda f: np.savez(f, images=data.images, labels=data.labels, meta=np.array(meta)))
     except OSError:
         pass  # a read-only or full cache folder costs speed, not correctness
     return data, skipped

@@ -1,0 +1,59 @@
+"""Small file helpers every stage shares: one atomic write, one way to quote an exception.
+
+A file written with :func:`atomic_write` is whole or absent: a kill or a full disk mid-write
+leaves the previous version in place.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "note.txt"
+    >>> atomic_write(path, "hello")
+    >>> path.read_text()
+    'hello'
+    >>> first_line(ValueError("bad value\\nmore detail"))
+    'bad value'
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+
+def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], None]) -> None:
+    """Write ``content`` (text, bytes, or a function that writes a given path) to a temporary file beside
+    ``path``, flush it to disk, then rename it over ``path``. On failure the temporary file is removed and
+    the error raised; ``path`` is untouched."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if callable(content):
+            content(tmp)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(content.encode() if isinstance(content, str) else content)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def write_stream(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """For writers that take an open binary file (``torch.save``): ``atomic_write`` with a file object."""
+    def to_path(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+    atomic_write(path, to_path)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type's name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
