@@ -47,16 +47,21 @@ def test_same_seed_same_metrics(unbroken: Path, tmp_path: Path) -> None:
     assert numbers(tmp_path / "other") != numbers(unbroken)
 
 
-def test_sigkill_in_stage2_then_resume_equals_an_unbroken_run(unbroken: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
+def kill_after(out: Path, name: str) -> None:
+    """Start a run and SIGKILL it as soon as stage or arm ``name`` has checkpointed its first epoch."""
     proc = subprocess.Popen([sys.executable, "-m", "aepretrain", "run", "--out", str(out), *TINY],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    stage2 = out / "checkpoints" / "resume" / "stage2" / "last.ckpt"
+    ckpt = out / "checkpoints" / "resume" / name / "last.ckpt"
     deadline = time.time() + 240
-    while not stage2.is_file() and proc.poll() is None and time.time() < deadline:
+    while not ckpt.is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def test_sigkill_in_stage2_then_resume_equals_an_unbroken_run(unbroken: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    kill_after(out, "stage2")
     assert not (out / "checkpoints" / "pretrain-stage2.safetensors").exists(), "killed too late: stage 2 finished"
     stage1 = out / "checkpoints" / "pretrain-stage1.safetensors"
     stage1_written = stage1.stat().st_mtime_ns
@@ -69,6 +74,23 @@ def test_sigkill_in_stage2_then_resume_equals_an_unbroken_run(unbroken: Path, tm
     m = json.loads((out / "metrics.json").read_text())
     assert m["pretrain"]["stages"][0]["resumed_from"] is None
     assert m["pretrain"]["stages"][1]["resumed_from"] >= 1  # continued after its last finished epoch
+    assert numbers(out) == numbers(unbroken)
+
+
+def test_sigkill_in_a_finetuning_arm_then_resume_equals_an_unbroken_run_epoch_by_epoch(unbroken: Path,
+                                                                                      tmp_path: Path) -> None:
+    """Augmentation (flips) and dropout draw random numbers in fine-tuning: the first epoch after the resume
+    must draw the same ones as the unbroken run, so every epoch's losses match exactly."""
+    out = tmp_path / "run"
+    kill_after(out, "pretrained")
+    assert not (out / "checkpoints" / "classifier-pretrained.safetensors").exists(), "killed too late"
+    resumed = cli("run", "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["finetune"]["pretrained"]["resumed_from"] >= 1
+    got, want = numbers(out)["finetune"]["pretrained"], numbers(unbroken)["finetune"]["pretrained"]
+    for epoch, (a, b) in enumerate(zip(got["history"], want["history"]), 1):
+        assert a == b, f"epoch {epoch} differs after the resume: {a} != {b}"
     assert numbers(out) == numbers(unbroken)
 
 

@@ -42,6 +42,7 @@ class ModelConfig:
     dropout: float = 0.5
     bn_momentum: float = 0.1  # PyTorch convention; Keras' momentum 0.99 is 0.01 here
     bn_eps: float = 1e-5
+    init: str = "pytorch"  # pytorch (its defaults) | keras (Glorot-uniform kernels, zero biases, as the reference)
     in_channels: int = 3  # for `summary` only; a run takes it from the data
     num_classes: int = 37  # for `summary` only; a run takes it from the data
 
@@ -68,12 +69,15 @@ class AugmentConfig:
     zoom: float = 0.1  # scale drawn from [1 - zoom, 1 + zoom]
     brightness: list[float] = field(default_factory=lambda: [0.7, 1.3])  # multiplicative factor
     hflip: bool = True
+    fill: str = "zeros"  # what rotation and zoom fill in: zeros | nearest (the edge pixel, as Keras' ImageDataGenerator)
+    zoom_axes: str = "same"  # same: one zoom for both axes | independent: one per axis (as Keras' ImageDataGenerator)
 
 
 @dataclass
 class PretrainConfig:
     epochs: int = 30
     lr: float = 1e-3
+    adam_eps: float = 1e-8  # PyTorch's default; Keras' is 1e-7
     batch_size: int = 32
     schedule: str = "constant"  # constant | one-cycle | cosine
     objective: str = "greedy"  # greedy | greedy-denoising | greedy-masked | end-to-end
@@ -95,6 +99,7 @@ class ProbeConfig:
 class FinetuneConfig:
     epochs: int = 100
     lr: float = 1e-3
+    adam_eps: float = 1e-8  # PyTorch's default; Keras' is 1e-7
     batch_size: int = 32
     schedule: str = "constant"  # constant | one-cycle | cosine
     weight_decay: float = 0.0
@@ -129,9 +134,9 @@ class PredictConfig:
 @dataclass
 class StudyConfig:
     label_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
-    seeds: int = 3
+    seeds: int = 5  # a verdict needs at least 2 (a paired t interval); 5 give it 4 degrees of freedom
     objectives: list[str] = field(default_factory=lambda: ["greedy"])
-    epochs: int = 10  # fine-tuning epochs per cell, at least ...
+    epochs: int = 10  # fine-tuning epochs per cell (early stopping is off in a study), at least ...
     min_steps: int = 200  # ... enough epochs for this many optimizer steps, so small fractions train too
     val_limit: int | None = 1000  # validation images (stratified) used for model selection in every cell
 
@@ -158,6 +163,9 @@ SCHEDULES = ("constant", "one-cycle", "cosine")
 OBJECTIVES = ("greedy", "greedy-denoising", "greedy-masked", "end-to-end")
 PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed")
 DEVICES = ("auto", "cpu", "cuda", "gpu", "mps")
+INITS = ("pytorch", "keras")
+FILLS = ("zeros", "nearest")
+ZOOM_AXES = ("same", "independent")
 
 
 def preset_names() -> list[str]:
@@ -281,6 +289,10 @@ def _validate(cfg: Config) -> None:
     if cfg.data.image_size % factor:
         raise UserError(f"data.image_size {cfg.data.image_size} must be a multiple of {factor} (one halving per "
                         f"block and the first stride), e.g. {max(factor, round(cfg.data.image_size / factor) * factor)}")
+    for key, value, choices in (("model.init", cfg.model.init, INITS), ("augment.fill", cfg.augment.fill, FILLS),
+                                ("augment.zoom_axes", cfg.augment.zoom_axes, ZOOM_AXES)):
+        if value not in choices:
+            raise UserError(f"{key} is one of {', '.join(choices)}, not '{value}'{closest(str(value), list(choices))}")
     if cfg.trainer.allocator not in ("auto", "tcmalloc", "default"):
         raise UserError(f"trainer.allocator is auto, tcmalloc or default, not '{cfg.trainer.allocator}'")
     if cfg.trainer.precision not in PRECISIONS:

@@ -70,7 +70,7 @@ class ClassifierModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         f = self.cfg.finetune
-        optimizer = torch.optim.Adam(self.classifier.parameters(), lr=f.lr, weight_decay=f.weight_decay)
+        optimizer = torch.optim.Adam(self.classifier.parameters(), lr=f.lr, eps=f.adam_eps, weight_decay=f.weight_decay)
         sched = scheduler(optimizer, f.schedule, f.lr, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": sched} if sched else optimizer
 

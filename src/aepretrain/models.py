@@ -33,6 +33,18 @@ def conv_bn_relu(cin: int, cout: int, kernel: int, spec: ModelConfig, n: int, st
     }
 
 
+def initialize(module: nn.Module, scheme: str) -> nn.Module:
+    """``keras``: Glorot-uniform kernels and zero biases for every convolution and dense layer, as Keras starts
+    them; ``pytorch``: PyTorch's own initialisation, left as it is (no draw is made)."""
+    if scheme == "keras":
+        for layer in module.modules():
+            if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(layer.weight)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+    return module
+
+
 class Encoder(nn.Module):
     """The convolutional blocks shared by the autoencoders and the classifier."""
 
@@ -50,6 +62,7 @@ class Encoder(nn.Module):
             blocks.append(nn.Sequential(OrderedDict(layers)))
         self.blocks = nn.ModuleList(blocks)
         self.out_channels = cin
+        initialize(self, spec.init)
 
     def forward(self, x: torch.Tensor, depth: int | None = None) -> torch.Tensor:
         for block in self.blocks[:depth]:
@@ -75,7 +88,7 @@ def stage_decoder(spec: ModelConfig, stage: int, in_channels: int, first_stride:
     if first_stride > 1:  # undo a strided first convolution too, so the output matches the input
         layers["up0"] = nn.Upsample(scale_factor=first_stride, mode="nearest")
     layers["output"] = nn.Conv2d(cin, in_channels, 3, padding=1)
-    return nn.Sequential(OrderedDict(layers))
+    return initialize(nn.Sequential(OrderedDict(layers)), spec.init)
 
 
 class Autoencoder(nn.Module):
@@ -124,7 +137,7 @@ class Classifier(nn.Module):
         self.encoder = encoder
         self.pool = GlobalAvgPool()
         self.dropout = nn.Dropout(dropout)
-        self.dense = nn.Linear(encoder.out_channels, num_classes)
+        self.dense = initialize(nn.Linear(encoder.out_channels, num_classes), encoder.spec.init)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.encoder(x))

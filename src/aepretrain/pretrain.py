@@ -71,7 +71,7 @@ class StageModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         p = self.cfg.pretrain
         params = [q for q in self.autoencoder.parameters() if q.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=p.lr)
+        optimizer = torch.optim.Adam(params, lr=p.lr, eps=p.adam_eps)
         sched = scheduler(optimizer, p.schedule, p.lr, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": sched} if sched else optimizer
 

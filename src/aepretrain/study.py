@@ -31,7 +31,7 @@ from .evaluate import evaluate
 from .finetune import epochs_to_target, finetune
 from .models import Encoder
 from .pretrain import pretrain
-from .training import is_global_zero, set_threads, steps_per_epoch, write_json
+from .training import batches_per_epoch, is_global_zero, set_threads, write_json
 
 
 def nested_fractions(labels: np.ndarray, fractions: list[float], seed: int) -> dict[float, np.ndarray]:
@@ -112,7 +112,7 @@ def study(cfg: Config, out: str | Path, overwrite: bool = False) -> dict[str, An
         encoders: dict[str, Encoder] = {}
         for fraction in fractions:
             labelled = dataclasses.replace(bundle, train=bundle.train.take(subsets[fraction]))
-            per_epoch = steps_per_epoch(len(labelled.train), cfg.finetune.batch_size)
+            per_epoch = batches_per_epoch(len(labelled.train), cfg.finetune.batch_size, drop_last=True)
             epochs = max(s.epochs, math.ceil(s.min_steps / per_epoch))  # same budget for every arm of a cell
             for arm in ["scratch", *objectives]:
                 if (fraction, arm, seed) in done:

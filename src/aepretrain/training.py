@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .config import AugmentConfig, Config
 from .data.base import Labelled
 from .errors import UserError
+from .seeds import derive_seed
 from .fileio import atomic_write, first_line, write_stream
 
 
@@ -68,18 +69,31 @@ def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
 
 
 def loader(data: Labelled, batch_size: int, shuffle: bool, cfg: Config, drop_last: bool = False) -> DataLoader:
+    """Batches of ``data``. The loader draws its workers' base seed from a generator of its own, not from the
+    global one: Lightning creates the iterator at another moment in a resumed fit than in an unbroken one, and a
+    draw from the global generator there would shift the augmentation and dropout of the epoch."""
     return DataLoader(ImageDataset(data), batch_size=min(batch_size, max(1, len(data))),
                       sampler=EpochShuffle(len(data), cfg.seed) if shuffle else None,
                       drop_last=drop_last and len(data) > batch_size,
                       num_workers=cfg.trainer.num_workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=cfg.trainer.num_workers > 0)
+                      persistent_workers=cfg.trainer.num_workers > 0,
+                      generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "loader")))
+
+
+def batches_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
+    """The optimizer steps one epoch of ``loader(n images, batch_size, drop_last=...)`` really makes."""
+    if n <= batch_size:
+        return 1 if n else 0
+    return n // batch_size if drop_last else math.ceil(n / batch_size)
 
 
 def augmenter(cfg: AugmentConfig) -> nn.Module:
     """The reference's augmentation, batched: rotation, zoom, multiplicative brightness, horizontal flip."""
     steps: list[nn.Module] = []
     if cfg.rotation or cfg.zoom:
-        steps.append(K.RandomAffine(degrees=cfg.rotation, scale=(1 - cfg.zoom, 1 + cfg.zoom), p=1.0))
+        zoom = (1 - cfg.zoom, 1 + cfg.zoom)
+        steps.append(K.RandomAffine(degrees=cfg.rotation, scale=zoom * 2 if cfg.zoom_axes == "independent" else zoom,
+                                    padding_mode="border" if cfg.fill == "nearest" else "zeros", p=1.0))
     if cfg.brightness and tuple(cfg.brightness) != (1.0, 1.0):
         steps.append(K.ColorJitter(brightness=tuple(cfg.brightness), p=1.0))
     if cfg.hflip:
@@ -257,8 +271,3 @@ def set_threads() -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if torch.get_num_threads() != cores:
         torch.set_num_threads(cores)
-
-
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    return max(1, math.ceil(n / batch_size))
-
