@@ -197,11 +197,13 @@ def cmd_study(args: argparse.Namespace) -> None:
     from .study import study
 
     record = study(resolve_args(args), args.out, overwrite=args.overwrite)
-    print(f"{'fraction':>9} {'labelled':>9} {'arm':>18} {'mean':>7} {'std':>7} {'gain':>8}  verdict")
+    from .report import budget_text, interval_text, gain_text
+
+    print(f"{'fraction':>9} {'labelled':>9} {'arm':>18} {'epochs (steps)':>15} {'mean':>7} {'std':>7} {'gain':>7} "
+          f"{'95 % interval':>17}  verdict")
     for r in record["summary"]:
-        gain = f"{r['gain'] * 100:+.2f}" if "gain" in r else ""
-        print(f"{r['fraction']:>9g} {r['labelled']:>9} {r['arm']:>18} {r['mean']:.4f} {r['std']:.4f} {gain:>8}  "
-              f"{r.get('verdict', '')}")
+        print(f"{r['fraction']:>9g} {r['labelled']:>9} {r['arm']:>18} {budget_text(r):>15} {r['mean']:.4f} "
+              f"{r['std']:.4f} {gain_text(r.get('gain')):>7} {interval_text(r):>17}  {r.get('verdict', '')}")
     print(f"study folder: {args.out} (study.json, study.csv, study.md, study.html, figures/study.png)")
 
 

@@ -166,6 +166,20 @@ def blocks(out: Path) -> list[Block]:
     return b
 
 
+def gain_text(value: float | None) -> str:
+    return "" if value is None else f"{value * 100:+.2f}"
+
+
+def interval_text(row: dict[str, Any]) -> str:
+    low, high = row.get("gain_low"), row.get("gain_high")
+    return "" if low is None or high is None else f"[{low * 100:+.2f}, {high * 100:+.2f}]"
+
+
+def budget_text(row: dict[str, Any]) -> str:
+    epochs, steps = row.get("epochs", []), row.get("steps", [])
+    return "/".join(map(str, epochs)) + " (" + "/".join(map(str, steps)) + ")"
+
+
 def study_blocks(out: Path) -> list[Block]:
     """The label-efficiency study: a table of means over seeds, the paired gains, and what they say."""
     record = _load(out, "study.json")
@@ -174,20 +188,22 @@ def study_blocks(out: Path) -> list[Block]:
     b: list[Block] = [("h2", "Label efficiency: pre-trained against from scratch, over seeds")]
     b.append(("p", f"Preset {st['preset']}; {st['seeds']} seeds from {st['base_seed']}; labelled fractions "
                    f"{st['label_fractions']} (stratified, nested); objectives {', '.join(st['objectives'])}. Every "
-                   f"cell fine-tunes at least {st['epochs']} epochs and {st['min_steps']} steps, the same for both "
-                   f"arms; model selection on {st['val_limit'] or 'all'} validation images. Pre-training sees the "
+                   f"cell fine-tunes at least {st['epochs']} epochs and {st['min_steps']} optimizer steps, the same "
+                   "for both arms, without early stopping (the epochs and steps each cell ran are in the table); "
+                   f"model selection on {st['val_limit'] or 'all'} validation images. Pre-training sees the "
                    "unlabelled train + validation images, never the test split. A gain is called help or harm "
-                   "when the mean paired difference exceeds twice its standard error."))
-    b.append(_table(["labelled fraction", "labelled images", "arm", "seeds", "test accuracy mean", "std",
-                     "gain over scratch", "± s.e.", "verdict"],
-                    [[f"{r['fraction']:g}", r["labelled"], r["arm"], r["seeds"], r["mean"], r["std"], r.get("gain"),
-                      r.get("gain_se"), r.get("verdict", "")] for r in summary]))
+                   "only when its paired Student-t 95 % confidence interval over seeds lies wholly on one side "
+                   "of zero; with one seed there is no interval and no verdict."))
+    b.append(_table(["labelled fraction", "labelled images", "arm", "seeds", "epochs (steps) run",
+                     "test accuracy mean", "std", "gain over scratch (points)", "95 % interval (points)", "verdict"],
+                    [[f"{r['fraction']:g}", r["labelled"], r["arm"], r["seeds"], budget_text(r), r["mean"], r["std"],
+                      gain_text(r.get("gain")), interval_text(r), r.get("verdict", "")] for r in summary]))
     sentences = []
     for r in summary:
         if "gain" in r:
             sentences.append(f"at {r['fraction']:g} of the labels ({r['labelled']} images) {r['arm']} pre-training "
-                             f"{r['verdict']}: "
-                             f"{r['gain'] * 100:+.2f} points of test accuracy (± {r['gain_se'] * 100:.2f} s.e.)")
+                             f"{r['verdict']}: {gain_text(r['gain'])} points of test accuracy"
+                             + (f" (95 % interval {interval_text(r)})" if r.get("gain_low") is not None else ""))
     if sentences:
         b.append(("p", "In words: " + "; ".join(sentences) + "."))
     b.append(("img", (figure, "Test accuracy against the labelled fraction, mean ± std over seeds")))

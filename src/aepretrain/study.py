@@ -18,12 +18,13 @@ import csv
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .config import Config
+from .config import Config, differences, from_dict
 from .data import DataBundle, labels_required, prepare, pretrain_images
 from .data.splits import stratified_subset
 from .errors import UserError
@@ -54,8 +55,53 @@ def _encoder(cfg: Config, bundle: DataBundle, out: Path) -> Encoder:
     return pretrain(cfg, bundle, out, resume=True, images=images).encoder
 
 
+# Student's t, 0.975 quantile, for 1..30 degrees of freedom (beyond: the Cornish-Fisher expansion below).
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_975(df: int) -> float:
+    """The two-sided 95 % quantile of Student's t with ``df`` degrees of freedom.
+
+    >>> t_975(2), t_975(4), round(t_975(1000), 3)
+    (4.303, 2.776, 1.962)
+    """
+    if df < 1:
+        raise ValueError("Student's t needs at least one degree of freedom")
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def paired_interval(differences: list[float]) -> tuple[float, float | None, float | None]:
+    """(mean, low, high): the paired Student-t 95 % confidence interval of the mean difference; no interval
+    (None, None) from fewer than two pairs.
+
+    >>> paired_interval([0.01, 0.03])
+    (0.02, -0.1070..., 0.1470...)
+    """
+    d = np.asarray(differences, dtype=float)
+    if len(d) < 2:
+        return float(d.mean()), None, None
+    half = t_975(len(d) - 1) * float(d.std(ddof=1)) / math.sqrt(len(d))
+    return float(d.mean()), float(d.mean()) - half, float(d.mean()) + half
+
+
+def verdict(low: float | None, high: float | None, pairs: int) -> str:
+    """'helped' or 'hurt' only when the whole 95 % interval lies on one side of zero.
+
+    >>> verdict(0.001, 0.02, 5), verdict(-0.02, -0.001, 5), verdict(-0.01, 0.02, 5), verdict(None, None, 1)
+    ('helped', 'hurt', 'made no clear difference', 'no verdict: 1 seed gives no interval (2 or more needed)')
+    """
+    if low is None or high is None:
+        return f"no verdict: {pairs} seed gives no interval (2 or more needed)"
+    return "helped" if low > 0 else "hurt" if high < 0 else "made no clear difference"
+
+
 def summarize_cells(cells: list[dict[str, Any]], objectives: list[str]) -> list[dict[str, Any]]:
-    """Mean and spread per fraction and arm, and each objective's paired difference from scratch."""
+    """Mean and spread per fraction and arm, and each objective's paired difference from scratch with its
+    95 % interval over seeds."""
     rows = []
     for fraction in sorted({c["fraction"] for c in cells}):
         here = [c for c in cells if c["fraction"] == fraction]
@@ -65,18 +111,52 @@ def summarize_cells(cells: list[dict[str, Any]], objectives: list[str]) -> list[
             if not acc:
                 continue
             values = np.array(list(acc.values()))
+            mine = [c for c in here if c["arm"] == arm]
             row = {"fraction": fraction, "arm": arm, "seeds": len(values), "mean": float(values.mean()),
                    "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                   "labelled": here[0]["labelled"]}
+                   "labelled": here[0]["labelled"], "epochs": sorted({c["epochs"] for c in mine}),
+                   "steps": sorted({c["steps"] for c in mine})}
             paired = [acc[s] - scratch[s] for s in acc if s in scratch]
             if arm != "scratch" and paired:
-                d = np.array(paired)
-                se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
-                row |= {"gain": float(d.mean()), "gain_se": se,
-                        "verdict": "helped" if d.mean() > 2 * se else "hurt" if d.mean() < -2 * se else
-                        "made no clear difference"}
+                gain, low, high = paired_interval(paired)
+                row |= {"gain": gain, "gain_low": low, "gain_high": high, "verdict": verdict(low, high, len(paired))}
             rows.append(row)
     return rows
+
+
+# What a study writes into its folder, and all that --overwrite removes.
+STUDY_FILES = ("study.json", "study.csv", "study.md", "study.html", "figures/study.png", "cells", "pretrain")
+IGNORED_ON_RESUME = {"trainer.progress"}  # changes no number
+
+
+def _open_study(cfg: Config, out: Path, overwrite: bool) -> dict[str, Any]:
+    """The study record to continue: a fresh one (the folder cleared of an earlier study with --overwrite), or
+    the saved one when every setting that can change a number is the same."""
+    record_path = out / "study.json"
+    settings = {"preset": cfg.preset, "label_fractions": sorted(cfg.study.label_fractions), "seeds": cfg.study.seeds,
+                "objectives": list(cfg.study.objectives), "epochs": cfg.study.epochs,
+                "min_steps": cfg.study.min_steps, "val_limit": cfg.study.val_limit, "base_seed": cfg.seed,
+                "config": cfg.to_dict()}
+    if overwrite:
+        for name in STUDY_FILES:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    elif record_path.is_file():
+        try:
+            record = json.loads(record_path.read_text())
+            saved = from_dict(record["settings"]["config"], str(record_path), strict=False)
+        except (ValueError, KeyError, TypeError, UserError):
+            raise UserError(f"{record_path} is damaged or from another version: pass --overwrite to start "
+                            "the study again") from None
+        changed = differences(saved, cfg, ignore=IGNORED_ON_RESUME)
+        if changed:
+            key, old, new = changed[0]
+            raise UserError(f"{out} holds a study run with {key}={old!r}, not {new!r}"
+                            f"{f' (and {len(changed) - 1} more)' if len(changed) > 1 else ''}; "
+                            "resume with the same settings, or pass --overwrite or another --out")
+        return record
+    out.mkdir(parents=True, exist_ok=True)
+    return {"settings": settings, "cells": []}
 
 
 def study(cfg: Config, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
@@ -89,17 +169,7 @@ def study(cfg: Config, out: str | Path, overwrite: bool = False) -> dict[str, An
         raise UserError(f"label fractions must lie in (0, 1], got {s.label_fractions}")
     out = Path(out)
     record_path = out / "study.json"
-    settings = {"preset": cfg.preset, "label_fractions": fractions, "seeds": s.seeds, "objectives": objectives,
-                "epochs": s.epochs, "min_steps": s.min_steps, "val_limit": s.val_limit, "base_seed": cfg.seed,
-                "config": {k: v for k, v in cfg.to_dict().items() if k not in ("trainer", "study", "predict")}}
-    record: dict[str, Any] = {"settings": settings, "cells": []}
-    if record_path.is_file() and not overwrite:
-        record = json.loads(record_path.read_text())
-        if record["settings"] != settings:
-            changed = [k for k in settings if record["settings"].get(k) != settings[k]]
-            raise UserError(f"{out} holds a study with other settings ({', '.join(changed)} differ); "
-                            "pass --overwrite or another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    record = _open_study(cfg, out, overwrite)
     done = {(c["fraction"], c["arm"], c["seed"]) for c in record["cells"]}
     set_threads()
     bundle = prepare(cfg.data, cfg.seed)
@@ -114,6 +184,8 @@ def study(cfg: Config, out: str | Path, overwrite: bool = False) -> dict[str, An
             labelled = dataclasses.replace(bundle, train=bundle.train.take(subsets[fraction]))
             per_epoch = batches_per_epoch(len(labelled.train), cfg.finetune.batch_size, drop_last=True)
             epochs = max(s.epochs, math.ceil(s.min_steps / per_epoch))  # same budget for every arm of a cell
+            if cfg.trainer.smoke:  # Lightning runs two batches an epoch, so the budget above is not what runs
+                epochs = 1
             for arm in ["scratch", *objectives]:
                 if (fraction, arm, seed) in done:
                     continue
@@ -122,12 +194,14 @@ def study(cfg: Config, out: str | Path, overwrite: bool = False) -> dict[str, An
                     encoders[arm] = _encoder(acfg, bundle, out / "pretrain" / f"{arm}-seed{seed}")
                 c = _seeded(cfg, seed)
                 c.finetune.epochs = epochs
+                c.finetune.early_stopping_patience = None  # every cell trains its whole budget
                 cell = out / "cells" / f"f{fraction:g}-{arm}-seed{seed}"
                 result = finetune(c, labelled, cell, "scratch" if arm == "scratch" else "pretrained",
                                   encoders.get(arm), resume=True)
                 scores = evaluate(result.classifier, bundle.test, bundle.classes)
                 record["cells"].append({
-                    "fraction": fraction, "arm": arm, "seed": seed, "labelled": len(labelled.train), "epochs": epochs,
+                    "fraction": fraction, "arm": arm, "seed": seed, "labelled": len(labelled.train),
+                    "epochs": len(result.history), "steps": int(result.history[-1]["step"]) if result.history else 0,
                     "test_accuracy": scores["test_accuracy"], "test_loss": scores["test_loss"],
                     "best_val_accuracy": result.best_val_accuracy, "history": result.history,
                     "seconds": result.seconds})
@@ -142,7 +216,7 @@ def study(cfg: Config, out: str | Path, overwrite: bool = False) -> dict[str, An
     if not is_global_zero():
         return record
     with open(out / "study.csv", "w", newline="") as f:
-        keys = ["fraction", "labelled", "arm", "seed", "epochs", "test_accuracy", "test_loss", "best_val_accuracy",
+        keys = ["fraction", "labelled", "arm", "seed", "epochs", "steps", "test_accuracy", "test_loss", "best_val_accuracy",
                 "epochs_to_target", "seconds"]
         writer = csv.DictWriter(f, keys, extrasaction="ignore")
         writer.writeheader()

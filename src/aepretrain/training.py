@@ -150,7 +150,8 @@ class History(Callback):
         self._started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        row = {"epoch": trainer.current_epoch + 1, "seconds": round(time.perf_counter() - self._started, 3)}
+        row = {"epoch": trainer.current_epoch + 1, "step": trainer.global_step,
+               "seconds": round(time.perf_counter() - self._started, 3)}
         row |= {k: float(v) for k, v in trainer.callback_metrics.items() if not k.endswith("_step")}
         self.epochs.append({k.removesuffix("_epoch"): v for k, v in row.items()})
 
