@@ -176,6 +176,25 @@ def test_autoencoder_subset_is_a_third_of_train_and_val(tiny_pets: Path) -> None
     pool = len(bundle.train) + len(bundle.val)
     assert len(bundle.ae) == pytest.approx(pool / 3, abs=len(bundle.classes))
     assert set(bundle.ae.names) <= set(bundle.train.names + bundle.val.names)
+    # the autoencoders train on all of the third and validate outside it (the reference trained on the third)
+    assert bundle.ae_val.names and not set(bundle.ae_val.names) & set(bundle.ae.names)
+    assert set(bundle.ae_val.names) <= set(bundle.train.names + bundle.val.names)
+    assert len(bundle.ae_val) == pytest.approx(0.2 * len(bundle.ae), abs=len(bundle.classes))  # seed: val_fraction 0.2
+
+
+def test_the_autoencoders_train_on_the_whole_subset(tmp_path: Path) -> None:
+    from aepretrain.cli import main
+
+    out = tmp_path / "run"
+    assert main(["pretrain", "--out", str(out), "--dataset", "synthetic", "--image-size", "16", "--quiet",
+                 "--precision", "32", "--set", "pretrain.epochs=1", "--set", "probe.enabled=false"]) == 0
+    bundle = prepare(resolve("quick", **{"data.dataset": "synthetic", "data.image_size": 16}).data, 0)
+    metrics = json.loads((out / "metrics.json").read_text())["pretrain"]
+    assert metrics["images"] == len(bundle.ae) and metrics["val_images"] == len(bundle.ae_val)
+    from aepretrain.training import batches_per_epoch
+
+    seen = batches_per_epoch(len(bundle.ae), 128, drop_last=True) * min(128, len(bundle.ae))
+    assert metrics["stages"][0]["history"][0]["samples"] == seen
 
 
 def test_augmentation_is_batched_and_bounded() -> None:

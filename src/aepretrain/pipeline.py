@@ -98,9 +98,10 @@ def _start(cfg: Config, out: Path, resume: bool, overwrite: bool) -> tuple[Path,
 
 
 def _pretrain(cfg: Config, bundle: DataBundle, out: Path, metrics: dict[str, Any], resume: bool) -> PretrainResult:
-    images, described = pretrain_images(cfg, bundle)
-    pre = pretrain(cfg, bundle, out, resume, images)
+    images, val, described = pretrain_images(cfg, bundle)
+    pre = pretrain(cfg, bundle, out, resume, (images, val))
     metrics["pretrain"] = {"objective": cfg.pretrain.objective, "data": described, "images": len(images),
+                           "val_images": len(val),
                            "stages": pre.stages, "test_mse": pre.test_mse}
     if cfg.probe.enabled:
         metrics["probes"] = probes(cfg, bundle, pre.encoder)

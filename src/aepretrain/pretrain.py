@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from .checkpoints import load_weights, read_checkpoint, save_model
 from .config import Config
 from .data import DataBundle, Labelled
-from .data.splits import stratified_split
 from .models import Autoencoder, Encoder, build_encoder, summarize
 from .training import (History, check_finite, epoch_seed, last_checkpoint, loader, log_samples, read_done, scheduler,
                        to_float, trainer, write_json)
@@ -102,13 +101,12 @@ def stage_path(out: Path, stage: int) -> Path:
 
 
 def pretrain(cfg: Config, bundle: DataBundle, out: Path, resume: bool = False,
-             images: Labelled | None = None) -> PretrainResult:
-    """Train every greedy stage in turn on the autoencoder subset (or ``images``); save each stage's weights."""
+             images: tuple[Labelled, Labelled] | None = None) -> PretrainResult:
+    """Train every greedy stage in turn on the autoencoder subset, validated on ``bundle.ae_val`` (or on
+    ``images``: train and validation images); save each stage's weights."""
     L.seed_everything(cfg.seed, verbose=False)
     encoder = build_encoder(cfg.model, bundle.channels, for_classifier=False)
-    images = bundle.ae if images is None else images
-    fit_idx, val_idx = stratified_split(images.labels, cfg.data.val_fraction, cfg.seed + 3)
-    ae_train, ae_val = images.take(fit_idx), images.take(val_idx)
+    ae_train, ae_val = (bundle.ae, bundle.ae_val) if images is None else images
     batch = cfg.pretrain.batch_size
     result = PretrainResult(encoder)
     shape = (bundle.channels, bundle.image_size, bundle.image_size)

@@ -51,8 +51,8 @@ def _seeded(cfg: Config, seed: int, objective: str | None = None) -> Config:
 
 
 def _encoder(cfg: Config, bundle: DataBundle, out: Path) -> Encoder:
-    images, _ = pretrain_images(cfg, bundle)
-    return pretrain(cfg, bundle, out, resume=True, images=images).encoder
+    images, val, _ = pretrain_images(cfg, bundle)
+    return pretrain(cfg, bundle, out, resume=True, images=(images, val)).encoder
 
 
 # Student's t, 0.975 quantile, for 1..30 degrees of freedom (beyond: the Cornish-Fisher expansion below).

@@ -18,7 +18,7 @@ from ..config import Config, DataConfig, closest
 from ..errors import UserError
 from . import fashion_mnist, folder, oxford_pets, synthetic
 from .base import UNLABELLED, DataBundle, Labelled, Source
-from .splits import stratified_split, stratified_subset
+from .splits import autoencoder_split, stratified_split, stratified_subset
 
 READERS: dict[str, Callable[..., Source]] = {
     "fashion-mnist": fashion_mnist.read,
@@ -44,7 +44,8 @@ def prepare(cfg: DataConfig, seed: int) -> DataBundle:
 
     The official test split is kept where one exists; otherwise ``test_fraction`` is carved from
     the images. ``train_limit`` caps train + val before validation is carved from it. The
-    autoencoder subset is ``ae_fraction`` of train + val, as the reference did.
+    autoencoder subset is ``ae_fraction`` of train + val, as the reference did; its validation
+    images come from the rest of train + val.
     """
     source = read_source(cfg, seed)
     pool, test = source.train, source.test
@@ -61,9 +62,10 @@ def prepare(cfg: DataConfig, seed: int) -> DataBundle:
         notes.append(f"test capped at {cfg.test_limit} images (stratified)")
     keep, take = stratified_split(pool.labels, cfg.val_fraction, seed + 1)
     train, val = pool.take(keep), pool.take(take)
-    _, ae_index = stratified_split(pool.labels, cfg.ae_fraction, seed + 2)
+    ae_index, ae_val_index = autoencoder_split(pool.labels, cfg.ae_fraction, cfg.val_fraction, seed)
     return DataBundle(dataset=cfg.dataset, root=cfg.root, classes=source.classes, channels=source.channels,
                       image_size=cfg.image_size, train=train, val=val, test=test, ae=pool.take(ae_index),
+                      ae_val=pool.take(ae_val_index),
                       class_ids=source.class_ids, skipped=source.skipped, missing=source.missing, notes=notes)
 
 
@@ -77,8 +79,9 @@ def match_channels(images: np.ndarray, channels: int) -> np.ndarray:
     return np.repeat(images, channels, axis=-1)
 
 
-def pretrain_images(cfg: Config, bundle: DataBundle) -> tuple[Labelled, str]:
-    """The images the autoencoders train on, and a sentence saying which they are.
+def pretrain_images(cfg: Config, bundle: DataBundle) -> tuple[Labelled, Labelled, str]:
+    """The images the autoencoders train on, those their validation loss is taken on, and a sentence saying
+    which they are.
 
     By default the autoencoder subset of the labelled data. With ``pretrain.dataset``, a data set of
     its own, labelled or not, under the same subset rule; the labelled test split enters only with
@@ -86,7 +89,7 @@ def pretrain_images(cfg: Config, bundle: DataBundle) -> tuple[Labelled, str]:
     """
     p = cfg.pretrain
     if p.dataset is None:
-        images = bundle.ae
+        images, val = bundle.ae, bundle.ae_val
         what = f"the autoencoder subset of {bundle.dataset}: {cfg.data.ae_fraction:.0%} of train + val"
     else:
         if (p.dataset, p.root) == (cfg.data.dataset, cfg.data.root):
@@ -94,10 +97,9 @@ def pretrain_images(cfg: Config, bundle: DataBundle) -> tuple[Labelled, str]:
         else:
             source = read_source(dataclasses.replace(cfg.data, dataset=p.dataset, root=p.root), cfg.seed)
             pool = source.train if source.test is None else Labelled.concat([source.train, source.test])
-        take = np.arange(len(pool)) if cfg.data.ae_fraction >= 1 else \
-            stratified_split(pool.labels, cfg.data.ae_fraction, cfg.seed + 2)[1]
-        images = pool.take(take)
-        images = Labelled(match_channels(images.images, bundle.channels), images.labels, images.names)
+        take, held_out = autoencoder_split(pool.labels, cfg.data.ae_fraction, cfg.data.val_fraction, cfg.seed)
+        images, val = (Labelled(match_channels(part.images, bundle.channels), part.labels, part.names)
+                       for part in (pool.take(take), pool.take(held_out)))
         kind = "unlabelled" if (images.labels == UNLABELLED).all() else "labelled (labels unused)"
         what = f"{p.dataset} at {p.root} ({kind}): {cfg.data.ae_fraction:.0%} of its {len(pool)} images"
     if p.include_test:
@@ -106,7 +108,7 @@ def pretrain_images(cfg: Config, bundle: DataBundle) -> tuple[Labelled, str]:
         what += f", plus the {len(bundle.test)} labelled test images (asked for: pretrain.include_test)"
     else:
         what += "; no labelled test image"
-    return images, what
+    return images, val, what
 
 
 def labels_required(bundle: DataBundle) -> None:

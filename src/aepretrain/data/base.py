@@ -54,14 +54,16 @@ class DataBundle:
     train: Labelled
     val: Labelled
     test: Labelled
-    ae: Labelled
+    ae: Labelled  # what the autoencoders train on
+    ae_val: Labelled  # their validation images, none of them in ``ae``
     class_ids: list[int] | None = None
     skipped: list[dict[str, str]] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
-        return {"train": len(self.train), "val": len(self.val), "test": len(self.test), "ae": len(self.ae)}
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test), "ae": len(self.ae),
+                "ae_val": len(self.ae_val)}
 
     def per_class(self) -> dict[str, dict[str, int]]:
         table = {}

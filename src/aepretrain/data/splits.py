@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..seeds import derive_seed
+
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(kept, taken): ``fraction`` of each class is taken, rounded, at least one where a class has two."""
@@ -27,6 +29,25 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
         taken.append(members[:n])
         kept.append(members[n:])
     return np.sort(np.concatenate(kept)).astype(np.int64), np.sort(np.concatenate(taken)).astype(np.int64)
+
+
+def autoencoder_split(labels: np.ndarray, fraction: float, val_fraction: float, seed: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) of the autoencoders: ``fraction`` of the pool, stratified, all of it trained on, as the
+    reference did; their validation loss on as many images again times ``val_fraction``, drawn from the rest of
+    the pool. When the subset is the whole pool, ``val_fraction`` of it is held out instead.
+
+    >>> train, val = autoencoder_split(np.repeat([0, 1], 30), 1 / 3, 0.1, seed=0)
+    >>> len(train), len(val), len(set(train) & set(val))
+    (20, 2, 0)
+    """
+    rest, subset = stratified_split(labels, fraction, seed + 2)
+    stream = derive_seed(seed, "ae-val")
+    if len(rest) == 0:
+        fit, val = stratified_split(labels, val_fraction, stream)
+        return fit, val
+    size = max(1, round(val_fraction * len(subset)))
+    return subset, rest[stratified_subset(labels[rest], size, stream)]
 
 
 def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
