@@ -208,3 +208,30 @@ def test_augmentation_is_batched_and_bounded() -> None:
     flipped = augmenter(AugmentConfig(rotation=0, zoom=0, brightness=[1.0, 1.0], hflip=True))(ramp)
     n_flipped = int((flipped[:, 0, 0, 0] == 15).sum())
     assert 4 < n_flipped < 28  # about half the batch is flipped
+
+
+def test_prediction_decodes_a_large_photo_exactly_as_training(tmp_path: Path) -> None:
+    """Training decodes JPEGs at reduced scale (draft) before resizing; predict must do the same."""
+    from PIL import Image
+
+    from aepretrain.predict import prepare_image
+
+    root = tmp_path / "photos"
+    yy, xx = np.mgrid[0:900, 0:1200]
+    for c in ("cats", "dogs"):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            rng = np.random.default_rng(i + 10 * (c == "dogs"))
+            base = np.stack([(xx * (i + 1)) % 256, (yy * 2) % 256, (xx + yy) % 256], -1).astype(np.float32)
+            pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / c / f"{c}{i}.jpg", quality=90)
+    bundle = prepare(resolve("quick", **{"data.dataset": "folder", "data.root": str(root),
+                                         "data.image_size": 64}).data, 0)
+    seen = {n: img for split in (bundle.train, bundle.val, bundle.test) for n, img in zip(split.names, split.images)}
+    assert len(seen) == 6
+    for name, trained_on in seen.items():
+        path = next(root.rglob(Path(name).name))
+        predicted_on = prepare_image(path, 64, 3)
+        assert predicted_on.shape == trained_on.shape == (64, 64, 3)
+        assert np.array_equal(predicted_on, trained_on), f"{name}: max difference " \
+            f"{np.abs(predicted_on.astype(int) - trained_on.astype(int)).max()}"

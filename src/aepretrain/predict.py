@@ -12,21 +12,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
-
 from .checkpoints import load_classifier
+from .data import match_channels
 from .data.images import load_for_prediction
 from .evaluate import logits_of
 from .models import Classifier
 
 
-def prepare_image(img: Image.Image, size: int, channels: int) -> np.ndarray:
-    """An RGB image as the model saw its training data: size x size, gray if it trained on gray."""
-    img = img.resize((size, size), Image.BILINEAR)
-    if channels == 1:
-        img = img.convert("L")
-    pixels = np.asarray(img, dtype=np.uint8)
-    return pixels[..., None] if pixels.ndim == 2 else pixels
+def prepare_image(path: str | Path, size: int, channels: int) -> np.ndarray:
+    """An image file as the model saw its training data: decoded as training decodes, size x size, gray (by the
+    same luminance as pre-training data) if it trained on gray."""
+    return match_channels(load_for_prediction(path, size)[None], channels)[0]
 
 
 def top_k(classifier: Classifier, classes: list[str], images: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
@@ -38,7 +34,6 @@ def top_k(classifier: Classifier, classes: list[str], images: np.ndarray, k: int
 
 def predict(images: list[str | Path], checkpoint: str | Path, top_k_count: int = 3) -> list[dict[str, Any]]:
     classifier, meta = load_classifier(checkpoint)
-    pixels = np.stack([prepare_image(load_for_prediction(p), meta["image_size"], meta["in_channels"])
-                       for p in images])
+    pixels = np.stack([prepare_image(p, meta["image_size"], meta["in_channels"]) for p in images])
     tops = top_k(classifier, meta["classes"], pixels, top_k_count)
     return [{"image": str(p), "top": top} for p, top in zip(images, tops)]

@@ -58,15 +58,21 @@ def open_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size:
             raise BadImage(f"damaged image: {exc}") from None
 
 
+def pixels_of(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The one way a file becomes training or prediction input: size x size x 3 uint8 RGB. JPEGs are decoded at
+    reduced scale first (Pillow's draft), then every image is resized bilinearly. Raises BadImage or OSError."""
+    img = open_rgb(path, max_pixels, draft_size=size)
+    return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
 def decode(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray | None, str | None]:
     """(size x size x 3 uint8 pixels, None), or (None, why it was skipped)."""
     try:
-        img = open_rgb(path, max_pixels, draft_size=size)
+        return pixels_of(path, size, max_pixels), None
     except BadImage as exc:
         return None, str(exc)
     except OSError as exc:  # stat or open failed: permissions, a vanished file
         return None, f"unreadable: {exc.strerror or exc}"
-    return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8), None
 
 
 def _decode_args(args: tuple[str, int, int]) -> tuple[np.ndarray | None, str | None]:
@@ -85,12 +91,13 @@ def decode_many(paths: list[Path], size: int, max_pixels: int) -> tuple[list[np.
     return [r[0] for r in results], [r[1] for r in results]
 
 
-def load_for_prediction(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """An image the user named: refused with one clear line if it is not a readable image."""
+def load_for_prediction(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """An image the user named, decoded exactly as training decodes (:func:`pixels_of`); refused with one clear
+    line if it is not a readable image."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"image not found: {path}")
     try:
-        return open_rgb(path, max_pixels)
+        return pixels_of(path, size, max_pixels)
     except (BadImage, OSError) as exc:
         raise UserError(f"cannot use {path}: {exc}") from None
