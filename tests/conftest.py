@@ -60,3 +60,17 @@ def make_oxford(root: Path, breeds: dict[str, int], per_breed: int = 6, comments
 @pytest.fixture
 def tiny_pets(tmp_path: Path) -> Path:
     return make_oxford(tmp_path / "pets", {"Abyssinian": 1, "american_bulldog": 2, "Bengal": 6})
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder with every stage and a pre-trained classifier: synthetic 32 x 32 data, one epoch each."""
+    from aepretrain.cli import main
+
+    out = tmp_path_factory.mktemp("small-run") / "run"
+    settings = ["--dataset", "synthetic", "--image-size", "32", "--quiet", "--precision", "32",
+                "--set", "pretrain.epochs=1", "--set", "finetune.epochs=1", "--set", "pretrain.batch_size=16",
+                "--set", "finetune.batch_size=16", "--set", "data.synthetic_per_class=16", "--set", "probe.enabled=false"]
+    assert main(["pretrain", "--out", str(out), *settings]) == 0
+    assert main(["finetune", "--init", "pretrained", "--out", str(out), *settings]) == 0
+    return out

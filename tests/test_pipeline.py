@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from aepretrain.checkpoints import load_classifier, load_encoder
+from aepretrain.checkpoints import load_classifier, load_stage_encoder
 from aepretrain.cli import main
 from aepretrain.config import resolve
 from aepretrain.data import prepare
@@ -86,7 +86,7 @@ def test_checkpoints_load_into_the_classifier(tiny_run: Path) -> None:
     clf, meta = load_classifier(tiny_run / "checkpoints" / "classifier-scratch.safetensors")
     assert meta["classes"] == [f"pattern{k}" for k in range(4)] and meta["image_size"] == 16
     assert clf(torch.rand(2, 3, 16, 16)).shape == (2, 4)
-    encoder, _ = load_encoder(tiny_run / "checkpoints" / "pretrain-stage3.safetensors")
+    encoder, _ = load_stage_encoder(tiny_run / "checkpoints" / "pretrain-stage3.safetensors")
     stage_clf = load_classifier(tiny_run / "checkpoints" / "classifier-pretrained.safetensors")[0]
     assert stage_clf.encoder.state_dict().keys() == encoder.state_dict().keys()
 

@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 _API = {
     "Config": "config", "resolve": "config", "UserError": "errors", "prepare": "data", "run": "pipeline",
     "run_pretrain": "pipeline", "run_finetune": "pipeline", "run_evaluate": "pipeline", "predict": "predict",
-    "write_report": "report", "study": "study", "bench": "bench",
+    "write_report": "report", "study": "study", "bench": "bench", "load_encoder": "export",
 }
 __all__ = [*_API, "__version__"]
 

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +49,21 @@ def save_model(model: nn.Module, path: str | Path, kind: str, cfg: Config, in_ch
     return path
 
 
-def read_checkpoint(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a safetensors file, without loading its tensors."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path} is not an aepretrain checkpoint (safetensors): {exc}") from None
+
+
+def read_checkpoint(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    meta = read_metadata(path)
+    try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{path} is not an aepretrain checkpoint (safetensors): {exc}") from None
@@ -97,11 +106,23 @@ def load_classifier(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
                    "preset": meta["preset"], "config": cfg}
 
 
-
-def load_encoder(path: str | Path) -> tuple[Encoder, dict[str, str]]:
-    """The encoder blocks 1..k of greedy stage k's autoencoder checkpoint (the pretrained weights)."""
+def load_stage_encoder(path: str | Path) -> tuple[Encoder, dict[str, str]]:
+    """The full-depth encoder with blocks 1..k from greedy stage k's checkpoint (the rest as initialised),
+    to fine-tune a classifier from."""
     state, meta = read_checkpoint(path, "autoencoder")
     cfg = config_of(meta)
     encoder = build_encoder(cfg.model, int(meta["in_channels"]), for_classifier=False)
     load_weights(Autoencoder(encoder, int(json.loads(meta["stage"]))), state, path)
     return encoder, meta
+
+
+def load_autoencoder(path: str | Path) -> tuple[Autoencoder, Encoder, dict[str, str]]:
+    """Greedy stage k's autoencoder as it was trained, for inference, and its encoder of blocks 1..k alone."""
+    state, meta = read_checkpoint(path, "autoencoder")
+    cfg = config_of(meta)
+    stage = int(json.loads(meta["stage"]))
+    encoder = build_encoder(replace(cfg.model, blocks=cfg.model.blocks[:stage]), int(meta["in_channels"]),
+                            for_classifier=False)
+    autoencoder = Autoencoder(encoder, stage)
+    load_weights(autoencoder, state, path)
+    return autoencoder.eval(), encoder, meta

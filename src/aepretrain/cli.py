@@ -193,6 +193,25 @@ def cmd_predict(args: argparse.Namespace) -> None:
             print(f"  {rank}. {top['class']:<24} {top['probability']:.8g}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export import export
+
+    info = export(args.checkpoint, args.format, args.out)
+    size = f"{info['bytes'] / 1e6:.2f} MB"
+    if args.format == "backbone":
+        print(f"backbone: {info['path']} ({size}), its spec in {info['spec']}; "
+              f"aepretrain.load_encoder('{info['path']}') loads it")
+    else:
+        print(f"{args.format}: {info['path']} ({size}); on a check batch it differs from PyTorch by at most "
+              f"{info['max_abs_diff']:.2g}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .serve import serve
+
+    serve(args.checkpoint, args.host, args.port, args.top_k, args.max_upload_mb, args.max_pixels)
+
+
 def cmd_study(args: argparse.Namespace) -> None:
     from .study import study
 
@@ -280,6 +299,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=cmd_predict)
+
+    p = sub.add_parser("export", help="the classifier as ONNX or TorchScript, or the encoder alone as a backbone")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a classifier-*.safetensors (backbone: a pretrain-stageK.safetensors too)")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "backbone"])
+    p.add_argument("--out", required=True, metavar="FILE")
+    p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("serve", help="a local web page and a JSON endpoint (POST /predict) over a classifier")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a classifier-*.safetensors")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000; 0 takes a free one")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads are refused (default 20)")
+    p.add_argument("--max-pixels", type=int, help="larger images are refused as possible decompression bombs "
+                   "(default: Pillow's limit, 89,478,485)")
+    p.set_defaults(handler=cmd_serve)
 
     p = sub.add_parser("bench", help="images per second of the train step, the whole loop and inference, "
                        "against the machine's matmul rate")

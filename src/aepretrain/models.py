@@ -69,6 +69,10 @@ class Encoder(nn.Module):
             x = block(x)
         return x
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The feature map averaged over space: one vector per image, as the classifier's head takes it."""
+        return self(x).mean(dim=(2, 3))
+
 
 def stage_decoder(spec: ModelConfig, stage: int, in_channels: int, first_stride: int) -> nn.Sequential:
     """The decoder of greedy stage ``stage``: it mirrors encoder blocks stage..1, as the reference lists it.

@@ -26,7 +26,7 @@ from .config import Config
 from .data import DataBundle, labels_required, prepare, pretrain_images
 from .data.splits import stratified_subset
 from .errors import UserError
-from .checkpoints import load_classifier, load_encoder
+from .checkpoints import load_classifier, load_stage_encoder
 from .evaluate import evaluate
 from .finetune import ArmResult, classifier_path, epochs_to_target, finetune
 from .models import Encoder, build_encoder
@@ -156,7 +156,7 @@ def run_finetune(cfg: Config, out: str | Path, init: str, encoder_path: str | No
         if not path.is_file():
             raise UserError(f"no pre-trained encoder at {path}: run `aepretrain pretrain --out {out}` first "
                             "or pass --encoder PATH")
-        encoder, _meta = load_encoder(path)
+        encoder, _meta = load_stage_encoder(path)
     folder, bundle, metrics = _start(cfg, out, resume=True, overwrite=False)
     _finetune(cfg, bundle, folder, metrics, init, encoder, resume)
     return metrics["finetune"][init]

@@ -14,15 +14,15 @@ import numpy as np
 import torch
 from .checkpoints import load_classifier
 from .data import match_channels
-from .data.images import load_for_prediction
+from .data.images import DEFAULT_MAX_PIXELS, load_for_prediction
 from .evaluate import logits_of
 from .models import Classifier
 
 
-def prepare_image(path: str | Path, size: int, channels: int) -> np.ndarray:
+def prepare_image(path: str | Path, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """An image file as the model saw its training data: decoded as training decodes, size x size, gray (by the
     same luminance as pre-training data) if it trained on gray."""
-    return match_channels(load_for_prediction(path, size)[None], channels)[0]
+    return match_channels(load_for_prediction(path, size, max_pixels)[None], channels)[0]
 
 
 def top_k(classifier: Classifier, classes: list[str], images: np.ndarray, k: int) -> list[list[dict[str, Any]]]:

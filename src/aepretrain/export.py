@@ -1,0 +1,201 @@
+"""Taking a model out of aepretrain: the classifier as ONNX or TorchScript, or the encoder alone as a backbone.
+
+ONNX and TorchScript files hold the classifier with one input, ``image``: float32, (N, C, S, S), pixels in
+[0, 1] at the trained size S, any batch size N; and two outputs, ``logits`` and ``probabilities`` (their
+softmax), (N, classes). Both carry the class names, size, channels and preprocessing: ONNX as metadata
+properties, TorchScript as the extra file ``aepretrain.json`` (``torch.jit.load(path, _extra_files=...)``).
+Each file is run once more before it is kept (ONNX through ``onnx.checker`` and onnxruntime, TorchScript as
+``torch.jit.load`` gives it back) on a check batch, and refused if it differs from PyTorch by over 1e-4.
+
+A backbone is a safetensors file of the encoder's tensors under plain names (B counts blocks from 0, I the
+convolutions of a block from 1)::
+
+    blocks.B.convI.weight, blocks.B.convI.bias      Conv2d, (out, in, k, k), padding k // 2
+    blocks.B.bnI.weight, blocks.B.bnI.bias          BatchNorm2d scale and shift
+    blocks.B.bnI.running_mean, .running_var, .num_batches_tracked
+
+Block B runs (convI, bnI, ReLU) for each I, then MaxPool 2; the first convolution of block 0 has stride
+``first_stride``. The spec (blocks, strides, BatchNorm settings, input, preprocessing) is in the file's
+metadata under ``spec`` and, for reading, beside it as ``FILE.json``. :func:`load_encoder` rebuilds it.
+
+Example:
+    >>> export("runs/demo/checkpoints/classifier-pretrained.safetensors", "onnx", "model.onnx")  # doctest: +SKIP
+    {'format': 'onnx', 'path': 'model.onnx', 'bytes': 4497800, 'max_abs_diff': 4.8e-07}
+    >>> encoder = load_encoder("encoder.safetensors")  # doctest: +SKIP
+    >>> encoder(images).shape, encoder.features(images).shape  # doctest: +SKIP
+    (torch.Size([2, 128, 8, 8]), torch.Size([2, 128]))
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .checkpoints import FORMAT, load_autoencoder, load_classifier, load_weights, read_metadata
+from .config import BlockSpec, ModelConfig
+from .errors import UserError
+from .fileio import atomic_write, first_line
+from .models import Classifier, Encoder
+
+FORMATS = ("onnx", "torchscript", "backbone")
+BACKBONE_FORMAT = "aepretrain-backbone-1"
+TOLERANCE = 1e-4  # fp32: the largest absolute difference from PyTorch an export may show
+PREPROCESSING = ("decode to RGB (a JPEG at reduced scale first: Pillow's draft to at least SxS); resize to SxS "
+                 "(Pillow, bilinear); uint8; gray as round(0.299 R + 0.587 G + 0.114 B) if the model takes 1 channel; "
+                 "float32 = uint8 / 255, in [0, 1]; NCHW; no mean or std normalisation")
+TENSOR_NAMES = ("blocks.B.convI.{weight,bias}: Conv2d (padding k // 2); blocks.B.bnI.{weight,bias,running_mean,"
+                "running_var,num_batches_tracked}: BatchNorm2d; block B (from 0) = (convI, bnI, ReLU) for I = 1.., "
+                "then MaxPool 2; the first conv of block 0 has stride first_stride")
+
+
+class Deployable(nn.Module):
+    """The classifier as exported: its logits and their softmax."""
+
+    def __init__(self, classifier: Classifier) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.classifier(image)
+        return logits, torch.softmax(logits, dim=1)
+
+
+def export(checkpoint: str | Path, fmt: str, out: str | Path) -> dict[str, Any]:
+    """Write a checkpoint as ``fmt`` (onnx, torchscript: a classifier; backbone: a classifier or a stage)."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format is one of {', '.join(FORMATS)}, not '{fmt}'")
+    out = Path(out)
+    if fmt == "onnx":
+        _require_onnx()  # before any work: a missing extra is the first thing to say
+    if fmt == "backbone":
+        if spec_path(out) == out:
+            raise UserError(f"--out {out}: the backbone's spec goes to FILE.json beside it; name the backbone "
+                            "FILE.safetensors")
+        encoder, spec = encoder_of_checkpoint(checkpoint)
+        state = {name: tensor.detach().contiguous() for name, tensor in encoder.state_dict().items()}
+        metadata = {"format": BACKBONE_FORMAT, "spec": json.dumps(spec)}
+        _write(out, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+        _write(spec_path(out), json.dumps(spec, indent=2) + "\n")
+        return {"format": fmt, "path": str(out), "bytes": out.stat().st_size, "spec": str(spec_path(out))}
+    classifier, meta = load_classifier(checkpoint)
+    model = Deployable(classifier).eval()
+    info = {"classes": meta["classes"], "image_size": meta["image_size"], "in_channels": meta["in_channels"],
+            "input": "image", "outputs": ["logits", "probabilities"], "preprocessing": PREPROCESSING,
+            "source": Path(checkpoint).name, "aepretrain": __version__}
+    draw = torch.Generator().manual_seed(0)  # the example and the check batch: random pixels, the same every time
+    shape = (meta["in_channels"], meta["image_size"], meta["image_size"])
+    example, check = torch.rand((2, *shape), generator=draw), torch.rand((3, *shape), generator=draw)
+    with torch.no_grad():
+        expected = model(check)
+    data, got = (_onnx if fmt == "onnx" else _torchscript)(model, info, example, check)
+    difference = max(float((torch.as_tensor(g) - e).abs().max()) for g, e in zip(got, expected))
+    if not difference <= TOLERANCE:
+        raise UserError(f"the {fmt} model differs from PyTorch by {difference:.3g} (over {TOLERANCE}); {out} not written")
+    _write(out, data)
+    return {"format": fmt, "path": str(out), "bytes": out.stat().st_size, "max_abs_diff": difference}
+
+
+def _require_onnx() -> tuple[Any, Any]:
+    try:
+        import onnx
+        import onnxruntime
+        import onnxscript  # noqa: F401  (torch.onnx's exporter translates with it)
+    except ImportError as exc:
+        raise UserError(f"ONNX export needs {exc.name}, which is not installed: pip install 'aepretrain[export]'") from None
+    return onnx, onnxruntime
+
+
+def _onnx(model: Deployable, info: dict[str, Any], example: torch.Tensor,
+          check: torch.Tensor) -> tuple[bytes, list[Any]]:
+    onnx, onnxruntime = _require_onnx()
+    # the exporter warns once per torchvision operator it cannot register; this model uses none
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.export's own use of a deprecated pytree name
+        program = torch.onnx.export(model, (example,), dynamo=True, verbose=False, external_data=False,
+                                    input_names=["image"], output_names=["logits", "probabilities"],
+                                    dynamic_shapes={"image": {0: torch.export.Dim("batch")}})
+    proto = program.model_proto
+    proto.doc_string = (f"aepretrain classifier, {len(info['classes'])} classes: image float32 (N, {info['in_channels']}, "
+                        f"{info['image_size']}, {info['image_size']}) in [0, 1] -> logits, probabilities (N, classes)")
+    for key, value in info.items():
+        prop = proto.metadata_props.add()
+        prop.key, prop.value = key, value if isinstance(value, str) else json.dumps(value)
+    onnx.checker.check_model(proto, full_check=True)
+    data = proto.SerializeToString()
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return data, session.run(["logits", "probabilities"], {"image": check.numpy()})
+
+
+def _torchscript(model: Deployable, info: dict[str, Any], example: torch.Tensor,
+                 check: torch.Tensor) -> tuple[bytes, list[Any]]:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # PyTorch now points to torch.export; TorchScript still loads everywhere
+        frozen = torch.jit.freeze(torch.jit.trace(model, example))  # weights as constants: outputs need no grad
+        torch.jit.save(frozen, buffer, _extra_files={"aepretrain.json": json.dumps(info)})
+        loaded = torch.jit.load(io.BytesIO(buffer.getvalue()))
+    with torch.no_grad():
+        return buffer.getvalue(), list(loaded(check))
+
+
+def _write(path: Path, content: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        atomic_write(path, content)
+    except (OSError, SafetensorError) as exc:
+        reason = getattr(exc, "strerror", None) or first_line(exc)
+        raise UserError(f"could not write {path}: {reason}") from None
+
+
+def spec_path(backbone: Path) -> Path:
+    """The readable copy of a backbone's spec: ``encoder.safetensors`` -> ``encoder.json``."""
+    return backbone.with_suffix(".json")
+
+
+def encoder_of_checkpoint(path: str | Path) -> tuple[Encoder, dict[str, Any]]:
+    """The encoder of a classifier, or blocks 1..k of greedy stage k's autoencoder, and its backbone spec."""
+    kind = read_metadata(path).get("kind")
+    if kind == "autoencoder":
+        _autoencoder, encoder, meta = load_autoencoder(path)
+        source, size = f"autoencoder stage {json.loads(meta['stage'])}", int(meta["image_size"])
+    else:  # load_classifier refuses anything else with one line
+        classifier, info = load_classifier(path)
+        encoder, source, size = classifier.encoder, "classifier", info["image_size"]
+    spec = {"format": BACKBONE_FORMAT, "source": f"{Path(path).name} ({source})", "in_channels": encoder.in_channels,
+            "image_size": size, "first_stride": encoder.stride,
+            "blocks": [{"channels": list(b.channels), "kernel": b.kernel} for b in encoder.spec.blocks],
+            "batchnorm": {"eps": encoder.spec.bn_eps, "momentum": encoder.spec.bn_momentum},
+            "out_channels": encoder.out_channels, "downsampling": encoder.stride * 2 ** len(encoder.blocks),
+            "preprocessing": PREPROCESSING, "tensors": TENSOR_NAMES, "aepretrain": __version__}
+    return encoder, spec
+
+
+def load_encoder(path: str | Path) -> Encoder:
+    """A backbone file (or any aepretrain checkpoint) as an ``nn.Module``, in eval mode, every weight trainable.
+
+    ``encoder(x)`` gives the feature map (N, out_channels, S / downsampling, S / downsampling) and
+    ``encoder.features(x)`` its spatial mean (N, out_channels), for ``x`` as the spec's preprocessing makes it.
+    """
+    meta = read_metadata(path)
+    if meta.get("format") == FORMAT:
+        encoder = encoder_of_checkpoint(path)[0]
+    elif meta.get("format") == BACKBONE_FORMAT:
+        spec = json.loads(meta["spec"])
+        model = ModelConfig(blocks=[BlockSpec(b["channels"], b["kernel"]) for b in spec["blocks"]],
+                            bn_eps=spec["batchnorm"]["eps"], bn_momentum=spec["batchnorm"]["momentum"])
+        encoder = Encoder(model, spec["in_channels"], spec["first_stride"])
+        load_weights(encoder, load_file(str(path)), path)
+    else:
+        raise UserError(f"{path} is neither an aepretrain backbone nor an aepretrain checkpoint")
+    return encoder.requires_grad_(True).eval()

@@ -1,0 +1,209 @@
+"""A local web page and a JSON endpoint over a classifier checkpoint (Starlette on uvicorn).
+
+    GET  /          the page: drop or pick an image, see the top-k classes as bars, the image as the network
+                    sees it and each autoencoder stage's reconstruction (when the run folder has the stages);
+                    everything it needs is in the page, so it works offline
+    POST /predict   multipart/form-data with the image in the field ``file``
+                    -> {"top": [{"class": ..., "probability": ...}, ...], "image_size": S}
+                    ``?views=1`` adds "input" and "reconstructions": PNG data URLs
+
+Errors are a 4xx with one line of JSON, ``{"error": "..."}``: 400 a request without the field ``file``, 413 an
+upload over the size limit, 422 a file that is not a usable image (not an image, damaged, over the pixel limit:
+a possible decompression bomb). An upload is copied into a new temporary folder, decoded there by the same
+code as ``aepretrain predict`` and deleted with the folder when the answer is ready.
+
+Example:
+    >>> app = build_app("runs/demo/checkpoints/classifier-pretrained.safetensors")  # doctest: +SKIP
+    >>> serve("runs/demo/checkpoints/classifier-pretrained.safetensors", port=8000)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import tempfile
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoints import load_autoencoder, load_classifier
+from .data.images import DEFAULT_MAX_PIXELS
+from .errors import UserError
+from .fileio import first_line
+from .predict import prepare_image, top_k
+from .pretrain import reconstruct, stage_path
+
+
+class UploadTooLarge(Exception):
+    """The request body went over the upload limit."""
+
+
+class Analyst:
+    """The classifier of a checkpoint and the autoencoder stages of its run folder, applied to image files."""
+
+    def __init__(self, checkpoint: str | Path, top_k: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        checkpoint = Path(checkpoint)
+        self.classifier, self.meta = load_classifier(checkpoint)
+        self.top_k, self.max_pixels = top_k, max_pixels
+        self.size, self.channels = self.meta["image_size"], self.meta["in_channels"]
+        self.stages: list[tuple[int, torch.nn.Module]] = []
+        run = checkpoint.parent.parent  # a run folder keeps every model in checkpoints/
+        for stage in range(1, len(self.meta["config"].model.blocks) + 1):
+            path = stage_path(run, stage)
+            if path.is_file():
+                autoencoder, _encoder, meta = load_autoencoder(path)
+                if (int(meta["image_size"]), int(meta["in_channels"])) == (self.size, self.channels):
+                    self.stages.append((stage, autoencoder))
+        self.name = checkpoint.name
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "classes": len(self.meta["classes"]), "image_size": self.size,
+                "channels": self.channels, "stages": [stage for stage, _ in self.stages], "top_k": self.top_k}
+
+    def __call__(self, path: Path, views: bool) -> dict[str, Any]:
+        pixels = prepare_image(path, self.size, self.channels, self.max_pixels)
+        batch = np.stack([pixels])  # a writable copy, as torch.from_numpy wants
+        answer: dict[str, Any] = {"top": top_k(self.classifier, self.meta["classes"], batch, self.top_k)[0],
+                                  "image_size": self.size}
+        if views:
+            x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(255.0)
+            with torch.no_grad():
+                outputs = reconstruct([autoencoder for _, autoencoder in self.stages], x)
+            answer["input"] = png_data_url(pixels)
+            answer["reconstructions"] = [
+                {"stage": stage, "image": png_data_url((out[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))}
+                for (stage, _), out in zip(self.stages, outputs)]
+        return answer
+
+
+def png_data_url(pixels: np.ndarray) -> str:
+    """H x W x C uint8 pixels (C = 1 or 3) as a PNG ``data:`` URL."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _require_serve() -> None:
+    try:
+        import python_multipart  # noqa: F401  (Starlette parses uploads with it)
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise UserError(f"serve needs {exc.name}, which is not installed: pip install 'aepretrain[serve]'") from None
+
+
+class LimitedBody:
+    """An ASGI ``receive`` that raises UploadTooLarge once the body passes ``limit`` bytes, before it is all read."""
+
+    def __init__(self, receive: Callable[[], Awaitable[dict[str, Any]]], limit: int) -> None:
+        self.receive, self.limit, self.received, self.finished = receive, limit, 0, False
+
+    async def __call__(self) -> dict[str, Any]:
+        message = await self.receive()
+        self.received += len(message.get("body", b""))
+        self.finished = message["type"] != "http.request" or not message.get("more_body", False)
+        if self.received > self.limit:
+            raise UploadTooLarge
+        return message
+
+    async def drop_rest(self, budget: int) -> None:
+        """Read and drop what is left of a refused body, up to ``budget`` bytes more, so that a client still
+        sending it reads the answer rather than a reset connection."""
+        stop = self.received + budget
+        while not self.finished and self.received < stop:
+            try:
+                await self()
+            except UploadTooLarge:
+                pass
+
+
+def build_app(checkpoint: str | Path, top_k: int = 5, max_upload_mb: float = 20.0,
+              max_pixels: int = DEFAULT_MAX_PIXELS) -> Any:
+    """The Starlette application: the page at ``/`` and the JSON endpoint at ``/predict``."""
+    _require_serve()
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import HTMLResponse, JSONResponse
+    from starlette.routing import Route
+
+    analyst = Analyst(checkpoint, top_k, max_pixels)
+    limit = int(max_upload_mb * 1024 * 1024)
+    too_large = f"the upload is over the limit of {max_upload_mb:g} MB"
+    model = dict(analyst.describe(), max_upload_mb=max_upload_mb)
+    page = resources.files(__package__).joinpath("serve.html").read_text(encoding="utf-8")
+    page = page.replace("{{MODEL}}", json.dumps(model).replace("<", "\\u003c"))
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": " ".join(message.split())}, status_code=status)
+
+    async def index(_request: Request) -> HTMLResponse:
+        return HTMLResponse(page)
+
+    async def predict(request: Request) -> JSONResponse:
+        body = LimitedBody(request.receive, limit)
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            await body.drop_rest(10 * limit)
+            return error(413, too_large)
+        views = request.query_params.get("views", "") in ("1", "true")
+        try:
+            async with Request(request.scope, body).form(max_files=1, max_fields=8) as form:
+                upload = form.get("file")
+                if not isinstance(upload, UploadFile):
+                    return error(400, "no image in the form field 'file' (send multipart/form-data)")
+                name = upload.filename or "the upload"
+                with tempfile.TemporaryDirectory(prefix="aepretrain-upload-") as folder:
+                    path = Path(folder) / "upload"
+                    with open(path, "wb") as f:
+                        while chunk := await upload.read(1 << 20):
+                            f.write(chunk)
+                    try:
+                        return JSONResponse(await run_in_threadpool(analyst, path, views))
+                    except UserError as exc:  # not an image, damaged, too many pixels: the user's file, by its name
+                        return error(422, str(exc).replace(str(path), name))
+        except UploadTooLarge:
+            await body.drop_rest(10 * limit)
+            return error(413, too_large)
+
+    async def http_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        return error(exc.status_code, str(exc.detail))
+
+    async def server_error(_request: Request, exc: Exception) -> JSONResponse:
+        return error(500, f"internal error: {first_line(exc)}")
+
+    return Starlette(routes=[Route("/", index), Route("/predict", predict, methods=["POST"])],
+                     exception_handlers={HTTPException: http_error, Exception: server_error})
+
+
+def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, top_k: int = 5,
+          max_upload_mb: float = 20.0, max_pixels: int | None = None) -> None:
+    """Serve the page until Ctrl-C; port 0 takes a free one. The first line printed is the page's address."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port is 0 (any free port) to 65535, not {port}")
+    for flag, value in (("--top-k", top_k), ("--max-upload-mb", max_upload_mb), ("--max-pixels", max_pixels or 1)):
+        if not value > 0:
+            raise UserError(f"{flag} must be above 0, not {value}")
+    _require_serve()
+    import uvicorn
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.create_server((host, port), family=family)  # first: a taken port is said at once
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    with sock:
+        app = build_app(checkpoint, top_k, max_upload_mb, max_pixels or DEFAULT_MAX_PIXELS)
+        shown = f"[{host}]" if family == socket.AF_INET6 else host
+        print(f"aepretrain: serving {checkpoint} at http://{shown}:{sock.getsockname()[1]}/ (Ctrl-C stops)", flush=True)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
