@@ -31,6 +31,7 @@ from .evaluate import evaluate
 from .finetune import epochs_to_target, finetune
 from .models import Encoder
 from .pretrain import pretrain
+from .runfolder import run_folder
 from .training import is_global_zero, set_threads, steps_per_epoch, write_json
 
 
@@ -81,13 +82,15 @@ def summarize_cells(cells: list[dict[str, Any]], objectives: list[str]) -> list[
 
 def study(cfg: Config, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Run (or resume) the study into ``out``; returns study.json as a dict."""
+    with run_folder(out, "study", resume=True, overwrite=overwrite) as folder:
+        return _study(cfg, folder, overwrite)
+
+
+def _study(cfg: Config, out: Path, overwrite: bool) -> dict[str, Any]:
     from .report import write_study_report
 
     s = cfg.study
     fractions, objectives = sorted(s.label_fractions), list(s.objectives)
-    if not fractions or not all(0 < f <= 1 for f in fractions):
-        raise UserError(f"label fractions must lie in (0, 1], got {s.label_fractions}")
-    out = Path(out)
     record_path = out / "study.json"
     settings = {"preset": cfg.preset, "label_fractions": fractions, "seeds": s.seeds, "objectives": objectives,
                 "epochs": s.epochs, "min_steps": s.min_steps, "val_limit": s.val_limit, "base_seed": cfg.seed,
@@ -99,7 +102,6 @@ def study(cfg: Config, out: str | Path, overwrite: bool = False) -> dict[str, An
             changed = [k for k in settings if record["settings"].get(k) != settings[k]]
             raise UserError(f"{out} holds a study with other settings ({', '.join(changed)} differ); "
                             "pass --overwrite or another --out")
-    out.mkdir(parents=True, exist_ok=True)
     done = {(c["fraction"], c["arm"], c["seed"]) for c in record["cells"]}
     set_threads()
     bundle = prepare(cfg.data, cfg.seed)
