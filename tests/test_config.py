@@ -1,3 +1,5 @@
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -47,3 +49,28 @@ def test_settings_saved_by_another_version_still_load_without_strictness() -> No
     with pytest.raises(UserError, match="unknown setting 'trainer.compile'"):
         from_dict(saved)
     assert from_dict(saved, strict=False).model.blocks[0].channels == [16]
+
+
+def _number_keys(section: object, prefix: str = "") -> list[str]:
+    """Dotted keys of every int or float setting, list items as `key[]`, from the dataclasses' types."""
+    from aepretrain.config import BlockSpec
+
+    keys = []
+    for f in dataclasses.fields(section):
+        key, kind, value = f"{prefix}{f.name}", str(f.type), getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += _number_keys(value, f"{key}.")
+        elif kind == "list[BlockSpec]":
+            keys += _number_keys(BlockSpec([1]), f"{key}[].")
+        elif re.fullmatch(r"list\[(int|float)\]", kind):
+            keys.append(f"{key}[]")
+        elif re.match(r"(int|float)\b", kind):
+            keys.append(key)
+    return keys
+
+
+def test_every_number_a_run_reads_has_a_range() -> None:
+    from aepretrain.config import RANGES, Config
+
+    assert set(_number_keys(Config())) - set(RANGES) == set()
+    assert set(RANGES) - set(_number_keys(Config())) == set()

@@ -13,6 +13,8 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import Config, from_dict
+from .config import Config, check_image_size, from_dict
 from .errors import UserError
 from .fileio import atomic_write, first_line
 from .models import Autoencoder, Classifier, Encoder, build_encoder
@@ -70,12 +72,17 @@ def read_checkpoint(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor
     if meta.get("format") != FORMAT:
         raise UserError(f"{path} is not an aepretrain checkpoint (no '{FORMAT}' metadata)")
     if meta.get("kind") != kind:
-        raise UserError(f"{path} holds a {meta.get('kind')} checkpoint; a {kind} is needed here")
+        raise UserError(f"{path} holds {_a(str(meta.get('kind')))} checkpoint; {_a(kind)} is needed here")
     return state, meta
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Load strictly; a missing, extra or differently shaped layer is named in one line."""
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path, assign: bool = False) -> None:
+    """Load strictly; a missing, extra or differently shaped layer is named in one line. ``assign``: the model's
+    tensors become the checkpoint's (for a model built on the meta device)."""
     own = model.state_dict()
     for name, tensor in own.items():
         if name not in state:
@@ -86,43 +93,92 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | P
     extra = sorted(set(state) - set(own))
     if extra:
         raise UserError(f"{path} does not fit this model: the checkpoint has layer '{extra[0]}', which this model lacks")
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=assign)
 
 
-def config_of(meta: dict[str, str]) -> Config:
-    return from_dict(json.loads(meta["config"]), "the checkpoint's settings", strict=False)
+def _meta_value(meta: dict[str, str], key: str, path: str | Path, check: Callable[[Any], bool], wanted: str) -> Any:
+    """One metadata field, parsed as JSON and checked; one line naming the field if it is absent or wrong."""
+    if key not in meta:
+        raise UserError(f"{path} is damaged: its metadata has no '{key}'")
+    try:
+        value = json.loads(meta[key])
+    except ValueError:
+        value = meta[key]
+    if not check(value):
+        raise UserError(f"{path} is damaged: its metadata '{key}' must be {wanted}, not {meta[key][:60]!r}")
+    return value
+
+
+def config_of(meta: dict[str, str], path: str | Path = "the checkpoint") -> Config:
+    values = _meta_value(meta, "config", path, lambda v: isinstance(v, dict), "settings (a JSON object)")
+    return from_dict(values, f"the settings in {path}", strict=False)
+
+
+def _model_meta(meta: dict[str, str], path: str | Path) -> tuple[Config, int]:
+    """The settings and input channels a checkpoint's model is rebuilt from, each checked."""
+    cfg = config_of(meta, path)
+    in_channels = _meta_value(meta, "in_channels", path, lambda v: type(v) is int and 1 <= v <= 4, "1 to 4")
+    return cfg, in_channels
 
 
 def load_classifier(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
     """A classifier ready for inference, with its class names, image size and input channels."""
     state, meta = read_checkpoint(path, "classifier")
-    cfg = config_of(meta)
-    classes = json.loads(meta["classes"])
-    in_channels = int(meta["in_channels"])
-    model = Classifier(build_encoder(cfg.model, in_channels, True), len(classes), cfg.model.dropout)
-    load_weights(model, state, path)
+    cfg, in_channels = _model_meta(meta, path)
+    classes = _meta_value(meta, "classes", path, lambda v: isinstance(v, list) and len(v) >= 2 and
+                          all(isinstance(c, str) for c in v), "a list of at least two class names")
+    image_size = _meta_value(meta, "image_size", path, lambda v: type(v) is int, "a whole number")
+    check_image_size(f"{path}: its metadata 'image_size'", image_size, cfg.model)
+    with torch.device("meta"):  # no memory until the weights are checked: a model no larger than its file
+        model = Classifier(build_encoder(cfg.model, in_channels, True), len(classes), cfg.model.dropout)
+    load_weights(model, state, path, assign=True)
     model.eval()
-    return model, {"classes": classes, "in_channels": in_channels, "image_size": int(meta["image_size"]),
-                   "preset": meta["preset"], "config": cfg}
+    return model, {"classes": classes, "in_channels": in_channels, "image_size": image_size,
+                   "preset": meta.get("preset"), "config": cfg}
+
+def _stage_of(meta: dict[str, str], path: str | Path, cfg: Config) -> int:
+    depth = len(cfg.model.blocks)
+    return _meta_value(meta, "stage", path, lambda v: type(v) is int and 1 <= v <= depth, f"a stage from 1 to {depth}")
 
 
 def load_stage_encoder(path: str | Path) -> tuple[Encoder, dict[str, str]]:
     """The full-depth encoder with blocks 1..k from greedy stage k's checkpoint (the rest as initialised),
     to fine-tune a classifier from."""
     state, meta = read_checkpoint(path, "autoencoder")
-    cfg = config_of(meta)
-    encoder = build_encoder(cfg.model, int(meta["in_channels"]), for_classifier=False)
-    load_weights(Autoencoder(encoder, int(json.loads(meta["stage"]))), state, path)
+    cfg, in_channels = _model_meta(meta, path)
+    stage = _stage_of(meta, path, cfg)
+    with torch.device("meta"):  # as in load_classifier; the autoencoder shares the encoder's blocks
+        encoder = build_encoder(cfg.model, in_channels, for_classifier=False)
+        autoencoder = Autoencoder(encoder, stage)
+    load_weights(autoencoder, state, path, assign=True)
     return encoder, meta
 
 
 def load_autoencoder(path: str | Path) -> tuple[Autoencoder, Encoder, dict[str, str]]:
     """Greedy stage k's autoencoder as it was trained, for inference, and its encoder of blocks 1..k alone."""
     state, meta = read_checkpoint(path, "autoencoder")
-    cfg = config_of(meta)
-    stage = int(json.loads(meta["stage"]))
-    encoder = build_encoder(replace(cfg.model, blocks=cfg.model.blocks[:stage]), int(meta["in_channels"]),
-                            for_classifier=False)
-    autoencoder = Autoencoder(encoder, stage)
-    load_weights(autoencoder, state, path)
+    cfg, in_channels = _model_meta(meta, path)
+    stage = _stage_of(meta, path, cfg)
+    with torch.device("meta"):
+        encoder = build_encoder(replace(cfg.model, blocks=cfg.model.blocks[:stage]), in_channels, for_classifier=False)
+        autoencoder = Autoencoder(encoder, stage)
+    load_weights(autoencoder, state, path, assign=True)
     return autoencoder.eval(), encoder, meta
+
+
+def read_finished(model: nn.Module, record: Path, weights: Path, kind: str, needs: tuple[str, ...]
+                  ) -> dict[str, Any] | None:
+    """The record of a finished stage or arm, its weights loaded into ``model``, when both verify; None (and a
+    note) when either is missing or damaged, so that the stage or arm is trained again."""
+    if not record.exists() and not weights.exists():
+        return None
+    try:
+        done = json.loads(record.read_text())
+        if not isinstance(done, dict) or not set(needs) <= set(done):
+            raise ValueError("incomplete record")
+        load_weights(model, read_checkpoint(weights, kind)[0], weights)
+    except (OSError, ValueError, UserError) as exc:
+        logging.getLogger("aepretrain").warning(f"aepretrain: {record.stem} is not finished after all "
+                                                f"({first_line(exc)}): training it again")
+        return None
+    return done

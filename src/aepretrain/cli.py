@@ -23,34 +23,62 @@ COMMON = {  # flag -> dotted setting
 }
 
 
-def _settings(p: argparse.ArgumentParser, training: bool = True) -> None:
-    p.add_argument("--preset", help="named settings: quick (default), pets-sample, seed")
-    p.add_argument("--config", metavar="FILE", help="a YAML file of settings that override the preset")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one setting by its dotted key, e.g. finetune.epochs=3 (repeatable)")
-    p.add_argument("--dataset", help="fashion-mnist (default), oxford-pets, folder or synthetic")
-    p.add_argument("--root", help="the data set's folder")
-    p.add_argument("--image-size", type=int, help="square size images are resized to")
-    p.add_argument("--seed", type=int, help="fixes splits, initialisation, augmentation and data order")
-    if training:
-        p.add_argument("--precision", help="auto (default: bf16 where the hardware has it), 32, bf16-mixed, 16-mixed")
-        p.add_argument("--device", help="auto (default), cpu, cuda, mps")
-        p.add_argument("--devices", help="how many devices (or a list like 0,1) for Lightning")
-        p.add_argument("--num-nodes", type=int, help="nodes for multi-node training (torchrun, SLURM)")
-        p.add_argument("--strategy", help="Lightning strategy: auto, ddp, ddp_spawn, ...")
-        p.add_argument("--objective", help="greedy (default), greedy-denoising, greedy-masked, end-to-end")
-        p.add_argument("--pretrain-data", metavar="[DATASET:]ROOT",
-                       help="pre-train on other images, e.g. an unlabelled folder (a path) or oxford-pets:DIR")
-        p.add_argument("--smoke", action="store_true", default=None,
-                       help="one epoch of a few small batches: proves the preset runs end to end")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
+SETTING_FLAGS: dict[str, dict[str, Any]] = {  # every flag that sets a setting; COMMAND_FLAGS says who takes which
+    "preset": {"help": "named settings: quick (default), pets-sample, seed"},
+    "config": {"metavar": "FILE", "help": "a YAML file of settings that override the preset"},
+    "set": {"action": "append", "default": [], "metavar": "KEY=VALUE",
+            "help": "override one setting by its dotted key, e.g. finetune.epochs=3 (repeatable)"},
+    "dataset": {"help": "fashion-mnist (default), oxford-pets, folder or synthetic"},
+    "root": {"help": "the data set's folder"},
+    "image-size": {"type": int, "help": "square size images are resized to"},
+    "seed": {"type": int, "help": "fixes splits, initialisation, augmentation and data order"},
+    "precision": {"help": "auto (default: bf16 where the hardware has it), 32, bf16-mixed, 16-mixed"},
+    "device": {"help": "auto (default), cpu, cuda, mps"},
+    "devices": {"help": "how many devices (or a list like 0,1) for Lightning"},
+    "num-nodes": {"type": int, "help": "nodes for multi-node training (torchrun, SLURM)"},
+    "strategy": {"help": "Lightning strategy: auto, ddp, ddp_spawn, ..."},
+    "objective": {"help": "greedy (default), greedy-denoising, greedy-masked, end-to-end"},
+    "pretrain-data": {"metavar": "[DATASET:]ROOT",
+                      "help": "pre-train on other images, e.g. an unlabelled folder (a path) or oxford-pets:DIR"},
+    "smoke": {"action": "store_true", "default": None,
+              "help": "one epoch of a few small batches: proves the preset runs end to end"},
+    "quiet": {"action": "store_true", "help": "no progress bars"},
+}
+_FILES, _DATA = "preset config set", "dataset root image-size"
+_TRAINING = "seed precision device devices num-nodes strategy smoke quiet"
+COMMAND_FLAGS = {  # a command accepts only the flags it uses
+    "run": f"{_FILES} {_DATA} {_TRAINING} objective pretrain-data",
+    "pretrain": f"{_FILES} {_DATA} {_TRAINING} objective pretrain-data",
+    "finetune": f"{_FILES} {_DATA} {_TRAINING}",
+    "study": f"{_FILES} {_DATA} {_TRAINING} pretrain-data",
+    "evaluate": f"{_FILES} {_DATA}",  # the split and seed come from the checkpoint
+    "data": f"{_FILES} {_DATA} seed",
+    "summary": f"{_FILES} image-size",
+    "bench": f"{_FILES} image-size device",
+}
+FLAG_RANGES = {"top_k": "[1, 1000]", "steps": "[1, 10000]", "warmup": "[0, 10000]", "batch": "[1, 65536]"}
 
 
-def _out(p: argparse.ArgumentParser, default: str | None = None) -> None:
+def _settings(p: argparse.ArgumentParser, command: str) -> None:
+    for flag in COMMAND_FLAGS[command].split():
+        p.add_argument(f"--{flag}", **SETTING_FLAGS[flag])
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """The numbers of flags that are no setting, each in its range."""
+    from .config import check_range
+
+    for flag, interval in FLAG_RANGES.items():
+        if getattr(args, flag, None) is not None:
+            check_range(f"--{flag.replace('_', '-')}", getattr(args, flag), interval)
+
+
+def _out(p: argparse.ArgumentParser, default: str | None = None, overwrite: bool = True) -> None:
     p.add_argument("--out", default=default, required=default is None, metavar="DIR",
                    help="the run folder" + (" (default: runs/PRESET)" if default == "" else ""))
     p.add_argument("--resume", action="store_true", help="continue the run in DIR where it stopped")
-    p.add_argument("--overwrite", action="store_true", help="replace the run in DIR")
+    if overwrite:
+        p.add_argument("--overwrite", action="store_true", help="replace the run in DIR (only what aepretrain wrote)")
 
 
 def pretrain_source(value: str) -> tuple[str, str | None]:
@@ -65,7 +93,8 @@ def pretrain_source(value: str) -> tuple[str, str | None]:
 
 def resolve_args(args: argparse.Namespace) -> Any:
     """The settings: preset, --config, --set, then flags; a resumed run takes the ones it was started with."""
-    from .config import differences, load, resolve
+    from .config import resolve
+    from .runfolder import saved_settings
 
     flags = {key: getattr(args, flag, None) for flag, key in COMMON.items()}
     flags["trainer.smoke"] = getattr(args, "smoke", None)
@@ -79,16 +108,10 @@ def resolve_args(args: argparse.Namespace) -> Any:
     if getattr(args, "pretrain_data", None):
         flags["pretrain.dataset"], flags["pretrain.root"] = pretrain_source(args.pretrain_data)
     cfg = resolve(args.preset or "quick", args.config, args.set, **flags)
-    saved = Path(getattr(args, "out", None) or "") / "config.yaml"
-    if getattr(args, "resume", False) and saved.is_file():
-        previous = load(saved)
-        given = args.preset or args.config or args.set or any(v is not None for v in flags.values())
-        changed = differences(previous, cfg, ignore={"trainer.progress"})
-        if given and changed:
-            key, old, new = changed[0]
-            raise UserError(f"--resume: {saved.parent} ran with {key}={old!r}, not {new!r}; resume with the "
-                            "same settings, or with none to take the saved ones")
-        cfg = previous
+    continuing = getattr(args, "resume", False) or args.command == "finetune"  # an arm joins the run in --out
+    given = args.preset or args.config or args.set or any(v is not None for v in flags.values())
+    if continuing and not given and getattr(args, "out", None):
+        cfg = saved_settings(args.out) or cfg  # verified; the API refuses given settings that contradict them
     if getattr(args, "quiet", False):
         cfg.trainer.progress = False
     return cfg
@@ -242,11 +265,20 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import bench, table
+    from .config import check_choice, check_image_size
 
     cfg = resolve_args(args)
+    size = cfg.data.image_size if args.size is None else args.size
+    check_image_size("--size", size, cfg.model)
     precisions = args.precisions.split(",") if args.precisions else None
-    report = bench(cfg, args.size or cfg.data.image_size, args.batch or cfg.finetune.batch_size, precisions,
-                   args.warmup, args.steps, args.models.split(",") if args.models else None)
+    models = args.models.split(",") if args.models else None
+    stages = [f"stage{k}" for k in range(1, len(cfg.model.blocks) + 1)]
+    for key, values, choices in (("--precisions", precisions, ("32", "bf16-mixed", "16-mixed")),
+                                 ("--models", models, ("classifier", *stages))):
+        for value in values or []:
+            check_choice(key, value, choices)
+    report = bench(cfg, size, cfg.finetune.batch_size if args.batch is None else args.batch, precisions,
+                   args.warmup, args.steps, models)
     print(json.dumps(report, indent=2) if args.json else table(report))
 
 
@@ -258,36 +290,36 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="the whole job: pretrain, fine-tune both arms, evaluate, predict, report")
-    _settings(p)
+    _settings(p, "run")
     _out(p, default="")
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("data", help="prepare a data set and show counts, skipped files and a sample grid")
-    _settings(p, training=False)
+    _settings(p, "data")
     p.add_argument("--out", default="runs/data", metavar="DIR", help="where the sample grid PNG goes")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=cmd_data)
 
     p = sub.add_parser("summary", help="layers, output shapes and Keras-style parameter counts of every model")
-    _settings(p, training=False)
+    _settings(p, "summary")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=cmd_summary)
 
     p = sub.add_parser("pretrain", help="greedy layer-wise pre-training, one autoencoder per stage")
-    _settings(p)
+    _settings(p, "pretrain")
     _out(p)
     p.set_defaults(handler=cmd_pretrain)
 
     p = sub.add_parser("finetune", help="train the classifier from the pre-trained encoder or from scratch")
-    _settings(p)
-    _out(p)
+    _settings(p, "finetune")
+    _out(p, overwrite=False)
     p.add_argument("--init", choices=["pretrained", "scratch"], required=True)
     p.add_argument("--encoder", metavar="PATH",
                    help="a pretrain-stageK.safetensors (default: the last stage in the run folder)")
     p.set_defaults(handler=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="test loss, accuracy, per-class accuracy and confusion matrix")
-    _settings(p)
+    _settings(p, "evaluate")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a classifier-*.safetensors")
     p.add_argument("--out", metavar="DIR", help="where the confusion matrix PNG goes")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -319,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="images per second of the train step, the whole loop and inference, "
                        "against the machine's matmul rate")
-    _settings(p)
+    _settings(p, "bench")
     p.add_argument("--size", type=int, help="image size (default: the preset's)")
     p.add_argument("--batch", type=int, help="batch size (default: the preset's fine-tuning batch)")
     p.add_argument("--precisions", help="comma-separated, e.g. 32,bf16-mixed (default: 32 and the fastest)")
@@ -330,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_bench)
 
     p = sub.add_parser("study", help="label efficiency: pre-trained against scratch over labelled fractions and seeds")
-    _settings(p)
+    _settings(p, "study")
     p.add_argument("--out", default="runs/study", metavar="DIR", help="the study folder (resumed if it exists)")
     p.add_argument("--overwrite", action="store_true", help="start the study in DIR again")
     p.add_argument("--label-fractions", help="comma-separated, e.g. 0.01,0.1,1")
@@ -390,14 +422,15 @@ def interrupted() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "run" and not args.out:
-        args.out = f"runs/{args.preset or 'quick'}"
-    if argv is None and args.command in TRAINING_COMMANDS:
-        use_fast_allocator(args)
-    if args.command in TRAINING_COMMANDS:
-        quiet_libraries()
-    try:
+    try:  # all of it: Ctrl-C while torch and Lightning load is an interruption too
+        args = build_parser().parse_args(argv)
+        if args.command == "run" and not args.out:
+            args.out = f"runs/{args.preset or 'quick'}"
+        check_flags(args)
+        if argv is None and args.command in TRAINING_COMMANDS:
+            use_fast_allocator(args)
+        if args.command in TRAINING_COMMANDS:
+            quiet_libraries()
         args.handler(args)
     except UserError as exc:
         print(f"aepretrain: error: {exc}", file=sys.stderr)

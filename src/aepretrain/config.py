@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -209,7 +210,7 @@ def _coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
     if text.startswith("list"):
         if not isinstance(value, list):
             raise UserError(f"{where}: {key} must be a list, got {value!r}")
-        return value
+        return [_coerce(item, text[len("list["):-1], f"{key}[{i}]", where) for i, item in enumerate(value)]
     for name, kind in (("bool", bool), ("int", int), ("float", float), ("str", str)):
         if text == name or text.startswith(name + " ") or f"{name} |" in text:
             if kind is bool and not isinstance(value, bool):
@@ -226,6 +227,8 @@ def _coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
                     raise UserError(f"{where}: {key} must be a number, got {value!r}")
                 return float(value)
             if kind is str:
+                if isinstance(value, (dict, list)):
+                    raise UserError(f"{where}: {key} takes one value, not {value!r}")
                 return str(value)
             return value
     return value
@@ -244,6 +247,9 @@ def _merge(target: Any, updates: dict[str, Any], prefix: str, where: str) -> Any
             if not isinstance(value, dict):
                 raise UserError(f"{where}: {dotted} is a section; give it a mapping, not {value!r}")
             _merge(current, value, dotted, where)
+        elif isinstance(value, dict) and value:  # `--set data.root.x=1`: no setting lies under a value
+            raise UserError(f"unknown setting '{dotted}.{next(iter(value))}' in {where}: {dotted} is a value, "
+                            "not a section")
         else:
             setattr(target, key, _coerce(value, fields[key].type, dotted, where))
     return target
@@ -257,55 +263,118 @@ def _dotted_to_nested(assignment: str) -> dict[str, Any]:
     return _nest(key.strip(), value)
 
 
+# The allowed range of every number a run reads: "[" and "]" include the end, "(" and ")" leave it out.
+# None is allowed where the setting's type allows it (a limit that is off, a default taken elsewhere). A learning
+# rate above 1e37 overflows float32 in Adam's first step (lr / 0.1).
+RANGES = {
+    "seed": "[0, 2147483647]",
+    "model.classifier_stride": "[1, 8]", "model.autoencoder_stride": "[1, 8]", "model.dropout": "[0, 1)",
+    "model.bn_momentum": "[0, 1]", "model.bn_eps": "(0, 1)", "model.in_channels": "[1, 4]",
+    "model.num_classes": "[2, 100000]",
+    "data.image_size": "[8, 1024]", "data.val_fraction": "(0, 1)", "data.test_fraction": "(0, 1)",
+    "data.ae_fraction": "(0, 1]", "data.train_limit": "[2, inf)", "data.test_limit": "[1, inf)",
+    "data.max_pixels": "[1, inf)", "data.synthetic_per_class": "[1, 100000]", "data.synthetic_classes": "[2, 1000]",
+    "augment.rotation": "[0, 180]", "augment.zoom": "[0, 1)",
+    "pretrain.epochs": "[1, 100000]", "pretrain.lr": "(0, 1e37]", "pretrain.adam_eps": "(0, 1]", "pretrain.batch_size": "[1, 65536]",
+    "pretrain.noise_std": "[0, inf)", "pretrain.mask_patch": "[0, 1024]", "pretrain.mask_ratio": "(0, 1]",
+    "probe.train_limit": "[2, inf)",
+    "finetune.epochs": "[1, 100000]", "finetune.lr": "(0, 1e37]", "finetune.adam_eps": "(0, 1]", "finetune.batch_size": "[1, 65536]",
+    "finetune.weight_decay": "[0, inf)", "finetune.early_stopping_patience": "[0, 100000]",
+    "finetune.target_accuracy": "[0, 1]", "finetune.target_fraction": "(0, 1]",
+    "trainer.num_nodes": "[1, 100000]", "trainer.gradient_clip_val": "(0, inf)", "trainer.num_workers": "[0, 1024]",
+    "predict.top_k": "[1, 1000]", "predict.images": "[1, 1000]",
+    "study.seeds": "[1, 1000]", "study.epochs": "[1, 100000]", "study.min_steps": "[0, 100000000]",
+    "study.val_limit": "[2, inf)",
+    # items of lists
+    "model.blocks[].channels[]": "[1, 8192]", "model.blocks[].kernel": "[1, 31]",
+    "augment.brightness[]": "[0, inf)", "study.label_fractions[]": "(0, 1]",
+}
+CHOICES = {
+    "pretrain.schedule": SCHEDULES, "finetune.schedule": SCHEDULES, "pretrain.objective": OBJECTIVES,
+    "study.objectives[]": OBJECTIVES, "finetune.arms[]": ("pretrained", "scratch"), "trainer.device": DEVICES,
+    "trainer.precision": PRECISIONS, "trainer.allocator": ("auto", "tcmalloc", "default"),
+    "model.init": INITS, "augment.fill": FILLS, "augment.zoom_axes": ZOOM_AXES,
+}
+
+
+def check_range(key: str, value: Any, interval: str) -> None:
+    """Refuse a number outside ``interval`` (NaN is outside every one), naming the key and the range.
+
+    >>> check_range("model.dropout", 0.5, "[0, 1)")
+    >>> check_range("model.dropout", 1.5, "[0, 1)")
+    Traceback (most recent call last):
+    aepretrain.errors.UserError: model.dropout must lie in [0, 1), got 1.5
+    """
+    low, high = (float(end) for end in interval[1:-1].split(", "))
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not ((low <= value) if interval[0] == "[" else (low < value)) or \
+            not ((value <= high) if interval[-1] == "]" else (value < high)):
+        raise UserError(f"{key} must lie in {interval}, got {value!r}")
+
+
+def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Refuse a value that is not one of ``choices``, naming the key, the closest choice and all of them.
+
+    >>> check_choice("trainer.device", "gpux", DEVICES)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    aepretrain.errors.UserError: unknown device 'gpux' for trainer.device (closest valid: gpu); choose one of auto, ...
+    """
+    if value not in choices:
+        noun = re.sub(r"\[\d+\]$", "", key.split(".")[-1]).lstrip("-").removesuffix("s")
+        raise UserError(f"unknown {noun} {value!r} for {key}{closest(str(value), list(choices))}; "
+                        f"choose one of {', '.join(choices)}")
+
+
+def check_image_size(key: str, size: int, model: ModelConfig) -> None:
+    """In range, and halved whole by every block and the first stride."""
+    check_range(key, size, RANGES["data.image_size"])
+    factor = 2 ** len(model.blocks) * max(model.autoencoder_stride, model.classifier_stride)
+    if size % factor:
+        raise UserError(f"{key} {size} must be a multiple of {factor} (one halving per block and the first "
+                        f"stride), e.g. {max(factor, round(size / factor) * factor)}")
+
+
+def _flat(value: Any, key: str = "") -> list[tuple[str, str, Any]]:
+    """(key, its rule's key in RANGES or CHOICES, value) for every setting and list item: ``model.blocks[1].kernel``
+    follows the rule ``model.blocks[].kernel``."""
+    if dataclasses.is_dataclass(value):
+        return [row for f in dataclasses.fields(value)
+                for row in _flat(getattr(value, f.name), f"{key}.{f.name}" if key else f.name)]
+    if isinstance(value, list):
+        return [(shown.replace(f"{key}[]", f"{key}[{i}]", 1), rule, v)
+                for i, item in enumerate(value) for shown, rule, v in _flat(item, f"{key}[]")]
+    return [(key, key, value)]
+
+
 def _validate(cfg: Config) -> None:
-    for section in (cfg.pretrain, cfg.finetune):
-        if section.schedule not in SCHEDULES:
-            raise UserError(f"unknown schedule '{section.schedule}'{closest(section.schedule, list(SCHEDULES))}")
-    if cfg.pretrain.objective not in OBJECTIVES:
-        raise UserError(f"unknown objective '{cfg.pretrain.objective}'{closest(cfg.pretrain.objective, list(OBJECTIVES))}"
-                        f"; objectives: {', '.join(OBJECTIVES)}")
-    for objective in cfg.study.objectives:
-        if objective not in OBJECTIVES:
-            raise UserError(f"unknown objective '{objective}' in study.objectives{closest(objective, list(OBJECTIVES))}")
-    if cfg.trainer.device not in DEVICES:
-        raise UserError(f"unknown device '{cfg.trainer.device}'{closest(cfg.trainer.device, list(DEVICES))}; "
-                        f"devices: {', '.join(DEVICES)}")
-    if not cfg.finetune.arms:
-        raise UserError("finetune.arms is empty: name pretrained, scratch or both")
-    for key, value in (("pretrain.epochs", cfg.pretrain.epochs), ("finetune.epochs", cfg.finetune.epochs),
-                       ("pretrain.batch_size", cfg.pretrain.batch_size), ("finetune.batch_size", cfg.finetune.batch_size),
-                       ("data.image_size", cfg.data.image_size), ("study.seeds", cfg.study.seeds)):
-        if value < 1:
-            raise UserError(f"{key} must be at least 1, got {value}")
-    if len(cfg.augment.brightness) != 2 or not all(isinstance(v, (int, float)) for v in cfg.augment.brightness):
-        raise UserError(f"augment.brightness is a range of two numbers like [0.7, 1.3], got {cfg.augment.brightness}")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in cfg.study.label_fractions):
-        raise UserError(f"study.label_fractions takes numbers, got {cfg.study.label_fractions}")
+    """Every setting against its range or choices, then what a range cannot say; before any work starts."""
+    for key, rule, value in _flat(cfg):
+        if rule in RANGES and value is not None:
+            check_range(key, value, RANGES[rule])
+        elif rule in CHOICES:
+            check_choice(key, value, CHOICES[rule])
+    for key, value in (("model.blocks", cfg.model.blocks), ("finetune.arms", cfg.finetune.arms),
+                       ("study.label_fractions", cfg.study.label_fractions),
+                       ("study.objectives", cfg.study.objectives)):
+        if not value:
+            raise UserError(f"{key} is empty; it needs at least one item")
     for b, block in enumerate(cfg.model.blocks):
-        if not block.channels or not all(isinstance(c, int) and c > 0 for c in block.channels) or block.kernel % 2 == 0:
-            raise UserError(f"model.blocks[{b}] needs positive whole channels and an odd kernel, got "
-                            f"channels {block.channels}, kernel {block.kernel}")
-    factor = 2 ** len(cfg.model.blocks) * max(cfg.model.autoencoder_stride, cfg.model.classifier_stride)
-    if cfg.data.image_size % factor:
-        raise UserError(f"data.image_size {cfg.data.image_size} must be a multiple of {factor} (one halving per "
-                        f"block and the first stride), e.g. {max(factor, round(cfg.data.image_size / factor) * factor)}")
-    for key, value, choices in (("model.init", cfg.model.init, INITS), ("augment.fill", cfg.augment.fill, FILLS),
-                                ("augment.zoom_axes", cfg.augment.zoom_axes, ZOOM_AXES)):
-        if value not in choices:
-            raise UserError(f"{key} is one of {', '.join(choices)}, not '{value}'{closest(str(value), list(choices))}")
-    if cfg.trainer.allocator not in ("auto", "tcmalloc", "default"):
-        raise UserError(f"trainer.allocator is auto, tcmalloc or default, not '{cfg.trainer.allocator}'")
-    if cfg.trainer.precision not in PRECISIONS:
-        raise UserError(f"unknown precision '{cfg.trainer.precision}'; choose one of {', '.join(PRECISIONS)}")
-    for arm in cfg.finetune.arms:
-        if arm not in ("pretrained", "scratch"):
-            raise UserError(f"finetune.arms holds '{arm}'; valid arms are pretrained and scratch")
-    if not cfg.model.blocks:
-        raise UserError("model.blocks is empty: the encoder needs at least one block")
-    for name in ("val_fraction", "test_fraction", "ae_fraction"):
-        value = getattr(cfg.data, name)
-        if not 0.0 < value < 1.0 and not (name == "ae_fraction" and value == 1.0):
-            raise UserError(f"data.{name} must lie between 0 and 1 (exclusive), got {value}")
+        if not block.channels:
+            raise UserError(f"model.blocks[{b}].channels is empty; a block needs at least one convolution")
+        if block.kernel % 2 == 0:
+            raise UserError(f"model.blocks[{b}].kernel must be odd (so that padding keeps the size), got "
+                            f"{block.kernel}")
+    brightness = cfg.augment.brightness
+    if len(brightness) != 2 or brightness[0] > brightness[1]:
+        raise UserError(f"augment.brightness is a range of two numbers, low to high, like [0.7, 1.3]; got "
+                        f"{cfg.augment.brightness}")
+    check_image_size("data.image_size", cfg.data.image_size, cfg.model)
+    devices = cfg.trainer.devices
+    count = devices.isdigit() and int(devices) > 0
+    indices = "," in devices and all(part.isdigit() for part in devices.rstrip(",").split(","))
+    if not (count or indices or devices in ("auto", "-1")):
+        raise UserError(f"trainer.devices is auto, -1 (all), a count of at least 1 or a list of device indices "
+                        f"like 0,1; got {devices!r}")
 
 
 def resolve(
@@ -329,7 +398,7 @@ def resolve(
         path = Path(config_file)
         if not path.is_file():
             raise UserError(f"config file not found: {path}")
-        _merge(cfg, _load_yaml(path.read_text(), str(path)), "", str(path))
+        _merge(cfg, _load_yaml(_read_text(path), str(path)), "", str(path))
     for assignment in overrides or []:
         _merge(cfg, _dotted_to_nested(assignment), "", f"--set {assignment}")
     for key, value in flags.items():
@@ -402,4 +471,13 @@ def save(cfg: Config, path: Path) -> None:
 
 def load(path: Path) -> Config:
     """Settings saved by a run, with one clear line if the file is damaged."""
-    return from_dict(_load_yaml(path.read_text(), str(path)), str(path))
+    return from_dict(_load_yaml(_read_text(path), str(path)), str(path))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a text file of settings (YAML): it does not decode as UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None

@@ -21,12 +21,14 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 
-from .checkpoints import load_weights, read_checkpoint, save_model
+from .checkpoints import load_weights, read_finished, save_model
 from .config import Config
 from .data import DataBundle
 from .models import Classifier, Encoder, build_encoder
-from .training import (History, augmenter, check_finite, last_checkpoint, loader, log_samples, read_done,
-                       scheduler, to_float, trainer, write_json)
+from .training import (History, augmenter, check_finite, last_checkpoint, loader, log_samples, scheduler, to_float,
+                       trainer, write_json)
+
+ARM_RECORD = ("history", "best_val_accuracy", "best_epoch", "seconds", "resumed_from")
 
 
 class ClassifierModule(L.LightningModule):
@@ -136,9 +138,8 @@ def finetune(cfg: Config, bundle: DataBundle, out: Path, init: str, encoder: Enc
         raise ValueError("the pretrained arm needs the pre-trained encoder")
     classifier = new_classifier(cfg, bundle, encoder if init == "pretrained" else None)
     path = classifier_path(out, init)
-    record = read_done(path.with_suffix(".json"), resume)
+    record = read_finished(classifier, path.with_suffix(".json"), path, "classifier", ARM_RECORD) if resume else None
     if record is not None:  # finished before the interruption
-        load_weights(classifier, read_checkpoint(path, "classifier")[0], path)
         return ArmResult(init, classifier, record["history"], record["best_val_accuracy"], record["best_epoch"],
                          record["seconds"], record["resumed_from"])
     if cfg.trainer.channels_last:

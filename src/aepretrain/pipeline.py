@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import config as config_module
 from . import figures
-from .config import Config
+from .config import Config, differences
 from .data import DataBundle, labels_required, prepare, pretrain_images
 from .data.splits import stratified_subset
 from .errors import UserError
@@ -33,9 +34,8 @@ from .models import Encoder, build_encoder
 from .predict import top_k
 from .probe import probe_encoder
 from .pretrain import PretrainResult, pretrain, reconstruct, stage_path
+from .runfolder import run_folder, save_settings, saved_settings
 from .training import is_global_zero, resolved_precision, set_threads, write_json
-
-RUN_MARKER = "config.yaml"
 
 
 def describe(bundle: DataBundle, grid: Path | None) -> dict[str, Any]:
@@ -51,50 +51,62 @@ def describe(bundle: DataBundle, grid: Path | None) -> dict[str, Any]:
     }
 
 
-def run_folder(out: str | Path, resume: bool, overwrite: bool) -> Path:
-    """The run folder; one that holds another run is refused unless resume or overwrite says so."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder")
-    holds_run = (out / RUN_MARKER).is_file()
-    if holds_run and overwrite:
-        shutil.rmtree(out)
-    elif holds_run and not resume:
-        raise UserError(f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it")
-    elif out.is_dir() and any(out.iterdir()) and not holds_run:
-        raise UserError(f"{out} is not empty and holds no aepretrain run: choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def _nhwc(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _metrics(out: Path) -> dict[str, Any]:
+    """What metrics.json holds so far; a damaged one is rebuilt from the finished stages' and arms' records."""
     path = out / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        metrics = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        metrics = None
+    if not isinstance(metrics, dict):
+        logging.getLogger("aepretrain").warning(f"aepretrain: {path} is damaged: it is written again from the "
+                                                "finished stages and arms")
+        return {}
+    return metrics
 
 
-def _start(cfg: Config, out: Path, resume: bool, overwrite: bool) -> tuple[Path, DataBundle, dict[str, Any]]:
-    """Open the run folder, save the settings, prepare and describe the data."""
+def reconcile(cfg: Config, saved: Config, out: Path) -> Config:
+    """The settings a continued run keeps: those it saved, which ``cfg`` must not contradict."""
+    changed = differences(saved, cfg, ignore={"trainer.progress"})
+    if changed:
+        key, old, new = changed[0]
+        raise UserError(f"--resume: {out} ran with {key}={old!r}, not {new!r}; resume with the same settings, or "
+                        "with none to take the saved ones")
+    saved.trainer.progress = cfg.trainer.progress
+    return saved
+
+
+@contextmanager
+def _start(cfg: Config, out: Path, resume: bool, overwrite: bool, adding_arm: bool = False
+           ) -> Iterator[tuple[Config, Path, DataBundle, dict[str, Any]]]:
+    """Open and lock the run folder, settle the settings, prepare and describe the data.
+
+    A resumed run, or an arm added to one, keeps the settings it was started with (verified before
+    anything is written).
+    """
     set_threads()
     main = is_global_zero()
-    if main:  # other DDP processes start once the first has set the folder up
-        started = (out / RUN_MARKER).is_file() and resume
-        out = run_folder(out, resume, overwrite)
-        if not started:  # a resumed run, or an arm added to one, keeps the settings it was started with
-            config_module.save(cfg, out / RUN_MARKER)
-    bundle = prepare(cfg.data, cfg.seed)
-    labels_required(bundle)
-    write_json(out / "data.json", describe(bundle, out / "figures" / "samples.png" if main else None))
-    metrics = _metrics(out) | {
-        "preset": cfg.preset, "seed": cfg.seed, "smoke": cfg.trainer.smoke,
-        "precision": resolved_precision(cfg.trainer.precision, cfg.trainer.device),
-        "dataset": {"name": bundle.dataset, **bundle.counts(), "classes": bundle.classes,
-                    "image_size": bundle.image_size, "channels": bundle.channels, "skipped": len(bundle.skipped)},
-    }
-    return out, bundle, metrics
+    with run_folder(out, "run", resume or adding_arm, overwrite) as out:
+        if main:  # other DDP processes start once the first has set the folder up
+            saved = saved_settings(out)
+            if saved is None:
+                save_settings(cfg, out)
+            else:
+                cfg = reconcile(cfg, saved, out)
+        bundle = prepare(cfg.data, cfg.seed)
+        labels_required(bundle)
+        write_json(out / "data.json", describe(bundle, out / "figures" / "samples.png" if main else None))
+        metrics = _metrics(out) | {
+            "preset": cfg.preset, "seed": cfg.seed, "smoke": cfg.trainer.smoke,
+            "precision": resolved_precision(cfg.trainer.precision, cfg.trainer.device),
+            "dataset": {"name": bundle.dataset, **bundle.counts(), "classes": bundle.classes,
+                        "image_size": bundle.image_size, "channels": bundle.channels, "skipped": len(bundle.skipped)},
+        }
+        yield cfg, out, bundle, metrics
 
 
 def _pretrain(cfg: Config, bundle: DataBundle, out: Path, metrics: dict[str, Any], resume: bool) -> PretrainResult:
@@ -141,8 +153,8 @@ def probes(cfg: Config, bundle: DataBundle, encoder: Encoder) -> list[dict[str, 
 
 def run_pretrain(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Only the greedy stages; their weights land in ``out/checkpoints/pretrain-stageK.safetensors``."""
-    folder, bundle, metrics = _start(cfg, Path(out), resume, overwrite)
-    _pretrain(cfg, bundle, folder, metrics, resume)
+    with _start(cfg, Path(out), resume, overwrite) as (cfg, folder, bundle, metrics):
+        _pretrain(cfg, bundle, folder, metrics, resume)
     return metrics["pretrain"]
 
 
@@ -150,15 +162,13 @@ def run_finetune(cfg: Config, out: str | Path, init: str, encoder_path: str | No
                  resume: bool = False) -> dict[str, Any]:
     """One arm; the pretrained arm takes the last stage's encoder from the run folder or ``encoder_path``."""
     out = Path(out)
-    encoder = None
-    if init == "pretrained":
-        path = Path(encoder_path) if encoder_path else stage_path(out, len(cfg.model.blocks))
-        if not path.is_file():
-            raise UserError(f"no pre-trained encoder at {path}: run `aepretrain pretrain --out {out}` first "
-                            "or pass --encoder PATH")
-        encoder, _meta = load_stage_encoder(path)
-    folder, bundle, metrics = _start(cfg, out, resume=True, overwrite=False)
-    _finetune(cfg, bundle, folder, metrics, init, encoder, resume)
+    path = Path(encoder_path) if encoder_path else stage_path(out, len(cfg.model.blocks))
+    if init == "pretrained" and not path.is_file():
+        raise UserError(f"no pre-trained encoder at {path}: run `aepretrain pretrain --out {out}` first "
+                        "or pass --encoder PATH")
+    with _start(cfg, out, resume, overwrite=False, adding_arm=True) as (cfg, folder, bundle, metrics):
+        encoder = load_stage_encoder(path)[0] if init == "pretrained" else None
+        _finetune(cfg, bundle, folder, metrics, init, encoder, resume)
     return metrics["finetune"][init]
 
 
@@ -169,9 +179,13 @@ def run_evaluate(cfg: Config, checkpoint: str | Path, out: Path | None) -> dict[
     split = {k: getattr(trained.data, k) for k in ("val_fraction", "test_fraction", "train_limit", "test_limit")}
     bundle = prepare(dataclasses.replace(cfg.data, **split), trained.seed)
     labels_required(bundle)
-    if meta["classes"] != bundle.classes or meta["in_channels"] != bundle.channels:
+    if len(meta["classes"]) != len(bundle.classes) or meta["in_channels"] != bundle.channels:
         raise UserError(f"{checkpoint} was trained on {len(meta['classes'])} classes of {meta['in_channels']} "
                         f"channel(s), the data has {len(bundle.classes)} of {bundle.channels}")
+    if meta["classes"] != bundle.classes:
+        trained_on, here = next((a, b) for a, b in zip(meta["classes"], bundle.classes) if a != b)
+        raise UserError(f"{checkpoint} was trained on other classes than the data's, though as many: class "
+                        f"{meta['classes'].index(trained_on)} is '{trained_on}' there and '{here}' here")
     if meta["image_size"] != bundle.image_size:
         raise UserError(f"{checkpoint} expects {meta['image_size']}px images; pass --image-size {meta['image_size']}")
     scores = evaluate(classifier, bundle.test, bundle.classes)
@@ -183,9 +197,13 @@ def run_evaluate(cfg: Config, checkpoint: str | Path, out: Path | None) -> dict[
 
 def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Run the whole pipeline into ``out`` and return metrics.json as a dict."""
+    with _start(cfg, Path(out), resume, overwrite) as (cfg, folder, bundle, metrics):
+        return _run(cfg, folder, bundle, metrics, resume)
+
+
+def _run(cfg: Config, out: Path, bundle: DataBundle, metrics: dict[str, Any], resume: bool) -> dict[str, Any]:
     from .report import write_report
 
-    out, bundle, metrics = _start(cfg, Path(out), resume, overwrite)
     pre = _pretrain(cfg, bundle, out, metrics, resume)
     arms = {init: _finetune(cfg, bundle, out, metrics, init, pre.encoder, resume) for init in cfg.finetune.arms}
 

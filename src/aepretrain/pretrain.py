@@ -19,12 +19,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import load_weights, read_checkpoint, save_model
+from .checkpoints import read_finished, save_model
 from .config import Config
 from .data import DataBundle, Labelled
 from .models import Autoencoder, Encoder, build_encoder, summarize
-from .training import (History, check_finite, epoch_seed, last_checkpoint, loader, log_samples, read_done, scheduler,
-                       to_float, trainer, write_json)
+from .training import (History, check_finite, epoch_seed, last_checkpoint, loader, log_samples, scheduler, to_float,
+                       trainer, write_json)
+
+STAGE_RECORD = ("stage", "epochs", "train_loss", "val_loss", "seconds", "resumed_from", "history", "params")
 
 
 class StageModule(L.LightningModule):
@@ -118,15 +120,15 @@ def pretrain(cfg: Config, bundle: DataBundle, out: Path, resume: bool = False,
         if cfg.trainer.channels_last:
             autoencoder.to(memory_format=torch.channels_last)
         module = StageModule(autoencoder, cfg, out)
-        record = read_done(stage_path(out, stage).with_suffix(".json"), resume)
-        if record is not None:  # finished before the interruption: its weights, not a second training
-            load_weights(autoencoder, read_checkpoint(stage_path(out, stage), "autoencoder")[0], stage_path(out, stage))
-        else:
+        weights = stage_path(out, stage)
+        record = read_finished(autoencoder, weights.with_suffix(".json"), weights, "autoencoder", STAGE_RECORD) \
+            if resume else None  # finished before the interruption: its weights, not a second training
+        if record is None:
             history = History(cfg.seed)
             fit = trainer(cfg, out, module.name, cfg.pretrain.epochs, [history])
             fit.fit(module, loader(ae_train, batch, True, cfg, drop_last=True), loader(ae_val, batch, False, cfg),
                     ckpt_path=last_checkpoint(out, module.name, resume), weights_only=True)
-            save_model(autoencoder, stage_path(out, stage), "autoencoder", cfg, bundle.channels, {"stage": stage})
+            save_model(autoencoder, weights, "autoencoder", cfg, bundle.channels, {"stage": stage})
             final = history.epochs[-1] if history.epochs else {}
             record = {
                 "stage": stage, "epochs": len(history.epochs), "train_loss": final.get("train_loss"),
@@ -134,7 +136,7 @@ def pretrain(cfg: Config, bundle: DataBundle, out: Path, resume: bool = False,
                 "history": history.epochs,
                 "params": {k: v for k, v in summarize(autoencoder, shape).items() if k != "layers"},
             }
-            write_json(stage_path(out, stage).with_suffix(".json"), record)
+            write_json(weights.with_suffix(".json"), record)
         result.autoencoders.append(autoencoder)
         result.stages.append(record)
     last = result.autoencoders[-1]

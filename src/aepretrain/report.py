@@ -15,10 +15,11 @@ from typing import Any
 
 
 from . import figures
-from .config import load
 from .errors import UserError
+from .fileio import first_line
 from .models import summary
 from .probe import KNN_K
+from .runfolder import MARKER, SETTINGS, saved_settings
 
 # The lab report's numbers (../shared/SPEC.md).
 REFERENCE = {
@@ -59,7 +60,16 @@ def _load(out: Path, name: str) -> Any:
     path = out / name
     if not path.is_file():
         raise UserError(f"{out} holds no {name}: is it a finished aepretrain run folder?")
-    return load(path) if name.endswith(".yaml") else json.loads(path.read_text())
+    if name == SETTINGS:
+        cfg = saved_settings(out)  # verified against the checksum the run saved
+        if cfg is None:
+            raise UserError(f"{out} holds no aepretrain run marker ({MARKER}): is it a run folder?")
+        return cfg
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise UserError(f"{path} is damaged ({first_line(exc)}): resuming the run or study in {out} writes it "
+                        "again") from None
 
 
 def finished_metrics(out: Path) -> dict[str, Any]:

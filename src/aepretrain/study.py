@@ -18,7 +18,6 @@ import csv
 import dataclasses
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from .evaluate import evaluate
 from .finetune import epochs_to_target, finetune
 from .models import Encoder
 from .pretrain import pretrain
+from .runfolder import run_folder
 from .training import batches_per_epoch, is_global_zero, set_threads, write_json
 
 
@@ -124,52 +124,47 @@ def summarize_cells(cells: list[dict[str, Any]], objectives: list[str]) -> list[
     return rows
 
 
-# What a study writes into its folder, and all that --overwrite removes.
-STUDY_FILES = ("study.json", "study.csv", "study.md", "study.html", "figures/study.png", "cells", "pretrain")
 IGNORED_ON_RESUME = {"trainer.progress"}  # changes no number
 
 
-def _open_study(cfg: Config, out: Path, overwrite: bool) -> dict[str, Any]:
-    """The study record to continue: a fresh one (the folder cleared of an earlier study with --overwrite), or
-    the saved one when every setting that can change a number is the same."""
+def _open_study(cfg: Config, out: Path) -> dict[str, Any]:
+    """The study record to continue: the saved one when every setting that can change a number is the same
+    (``--overwrite`` has already removed an earlier study's files), else a fresh one."""
     record_path = out / "study.json"
     settings = {"preset": cfg.preset, "label_fractions": sorted(cfg.study.label_fractions), "seeds": cfg.study.seeds,
                 "objectives": list(cfg.study.objectives), "epochs": cfg.study.epochs,
                 "min_steps": cfg.study.min_steps, "val_limit": cfg.study.val_limit, "base_seed": cfg.seed,
                 "config": cfg.to_dict()}
-    if overwrite:
-        for name in STUDY_FILES:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    elif record_path.is_file():
-        try:
-            record = json.loads(record_path.read_text())
-            saved = from_dict(record["settings"]["config"], str(record_path), strict=False)
-        except (ValueError, KeyError, TypeError, UserError):
-            raise UserError(f"{record_path} is damaged or from another version: pass --overwrite to start "
-                            "the study again") from None
-        changed = differences(saved, cfg, ignore=IGNORED_ON_RESUME)
-        if changed:
-            key, old, new = changed[0]
-            raise UserError(f"{out} holds a study run with {key}={old!r}, not {new!r}"
-                            f"{f' (and {len(changed) - 1} more)' if len(changed) > 1 else ''}; "
-                            "resume with the same settings, or pass --overwrite or another --out")
-        return record
-    out.mkdir(parents=True, exist_ok=True)
-    return {"settings": settings, "cells": []}
+    if not record_path.is_file():
+        return {"settings": settings, "cells": []}
+    try:
+        record = json.loads(record_path.read_text())
+        saved = from_dict(record["settings"]["config"], str(record_path), strict=False)
+    except (ValueError, KeyError, TypeError, UserError):
+        raise UserError(f"{record_path} is damaged or from another version: pass --overwrite to start "
+                        "the study again") from None
+    changed = differences(saved, cfg, ignore=IGNORED_ON_RESUME)
+    if changed:
+        key, old, new = changed[0]
+        raise UserError(f"{out} holds a study run with {key}={old!r}, not {new!r}"
+                        f"{f' (and {len(changed) - 1} more)' if len(changed) > 1 else ''}; "
+                        "resume with the same settings, or pass --overwrite or another --out")
+    return record
 
 
 def study(cfg: Config, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Run (or resume) the study into ``out``; returns study.json as a dict."""
+    with run_folder(out, "study", resume=True, overwrite=overwrite) as folder:
+        return _study(cfg, folder)
+
+
+def _study(cfg: Config, out: Path) -> dict[str, Any]:
     from .report import write_study_report
 
     s = cfg.study
     fractions, objectives = sorted(s.label_fractions), list(s.objectives)
-    if not fractions or not all(0 < f <= 1 for f in fractions):
-        raise UserError(f"label fractions must lie in (0, 1], got {s.label_fractions}")
-    out = Path(out)
     record_path = out / "study.json"
-    record = _open_study(cfg, out, overwrite)
+    record = _open_study(cfg, out)
     done = {(c["fraction"], c["arm"], c["seed"]) for c in record["cells"]}
     set_threads()
     bundle = prepare(cfg.data, cfg.seed)

@@ -211,7 +211,7 @@ def trainer(cfg: Config, out: Path, name: str, epochs: int, callbacks: list[Call
             sync_batchnorm=t.sync_batchnorm, precision=resolved_precision(t.precision, t.device),
             max_epochs=epochs, gradient_clip_val=t.gradient_clip_val, deterministic=False,
             logger=[CSVLogger(logs, name=name, version=""), TensorBoardLogger(logs, name=name, version="")],
-            callbacks=[*callbacks, NoteInterrupt(), resume_ckpt, *bars], enable_progress_bar=t.progress,
+            callbacks=[*callbacks, FiniteEpoch(), NoteInterrupt(), resume_ckpt, *bars], enable_progress_bar=t.progress,
             plugins=[AtomicCheckpointIO()],
             enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10, **smoke,
         )
@@ -246,11 +246,6 @@ def write_json(path: Path, value: Any) -> None:
     atomic_write(path, json.dumps(value, indent=2))
 
 
-def read_done(path: Path, resume: bool) -> dict[str, Any] | None:
-    """The record of a finished stage or arm, when resuming and it exists."""
-    return json.loads(path.read_text()) if resume and path.is_file() else None
-
-
 def check_finite(loss: torch.Tensor, module: L.LightningModule, name: str, out: Path | None, batch_idx: int) -> None:
     """Stop at the first NaN or infinite loss, saying where and which checkpoint is the last good one.
 
@@ -260,11 +255,32 @@ def check_finite(loss: torch.Tensor, module: L.LightningModule, name: str, out: 
     if module.trainer.world_size > 1:
         bad = module.trainer.strategy.reduce_boolean_decision(bad, all=False)
     if bad:
-        last = resume_dir(out, name) / "last.ckpt" if out else None
-        where = f"the last good checkpoint is {last} (--resume continues from it)" if last and last.is_file() else \
-            "no epoch finished, so there is no checkpoint yet"
-        raise UserError(f"{name}: the loss became {float(loss)} at epoch {module.current_epoch + 1}, step "
-                        f"{batch_idx + 1}; {where}. Lower the learning rate or set trainer.gradient_clip_val")
+        raise UserError(f"{name}: the loss became {float(loss.detach())} at epoch {module.current_epoch + 1}, step "
+                        f"{batch_idx + 1}; {_last_good(out, name)}. Lower the learning rate or set "
+                        "trainer.gradient_clip_val")
+
+
+def _last_good(out: Path | None, name: str) -> str:
+    last = resume_dir(out, name) / "last.ckpt" if out else None
+    return f"the last good checkpoint is {last} (--resume continues from it)" if last and last.is_file() else \
+        "no epoch finished, so there is no checkpoint yet"
+
+
+class FiniteEpoch(Callback):
+    """The loss of an epoch's last step can be finite while the update it made is not, or makes the validation loss
+    infinite. Each epoch's losses and weights are checked at its end, after validation and before its checkpoint is
+    written (Lightning calls checkpointing last), so that no stage or arm is saved, or recorded as finished, broken.
+    Every DDP process holds the same weights and synced validation losses, so each stops on its own."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        values = {k: v for k, v in trainer.callback_metrics.items() if k.endswith("_loss")}
+        values |= {f"weight {n}": p for n, p in module.named_parameters()}
+        bad = next((k for k, v in values.items() if not bool(torch.isfinite(v).all())), None)
+        if bad is not None:
+            name = getattr(module, "name", "training")
+            raise UserError(f"{name}: {bad} became non-finite in epoch {trainer.current_epoch + 1}, though every "
+                            f"step's loss was finite; {_last_good(getattr(module, 'out', None), name)}. Lower the "
+                            "learning rate or set trainer.gradient_clip_val")
 
 
 def set_threads() -> None:

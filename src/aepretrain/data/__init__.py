@@ -112,5 +112,13 @@ def pretrain_images(cfg: Config, bundle: DataBundle) -> tuple[Labelled, Labelled
 
 
 def labels_required(bundle: DataBundle) -> None:
+    """Refuse, before any training, data that fine-tuning and testing cannot use."""
     if not bundle.classes or (bundle.train.labels == UNLABELLED).any():
         raise UserError(f"{bundle.root} holds unlabelled images: fine-tuning needs one subfolder per class")
+    if len(bundle.classes) < 2:
+        raise UserError(f"{bundle.dataset} at {bundle.root} has one class ({bundle.classes[0]}): a classifier needs "
+                        "at least two")
+    for split in ("train", "val", "test"):
+        if len(getattr(bundle, split)) == 0:
+            raise UserError(f"the {split} split of {bundle.dataset} at {bundle.root} is empty ({bundle.counts()}): "
+                            "fine-tuning and testing need images in train, val and test")

@@ -10,6 +10,7 @@ present, in the order of their official CLASS-IDs, which are kept as metadata.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import UserError
@@ -47,17 +48,37 @@ def check_layout(root: Path) -> Path:
     return annotations
 
 
+def check_no_repeats(lists: dict[str, list[Entry]], files: dict[str, str], images: Path) -> None:
+    """One image, one place: an image listed in both official splits would be tested on after training on it,
+    and one listed twice could land in train and val. Names that lead to the same file count as one image."""
+    seen: dict[str, tuple[str, str]] = {}
+    repeats = []
+    for split, entries in lists.items():
+        for name, _cid in entries:
+            file = os.path.realpath(images / f"{name}.jpg")
+            if file in seen:
+                repeats.append((name, files[split], *seen[file]))
+            seen[file] = (name, files[split])
+    if repeats:
+        name, where, first_name, first_where = repeats[0]
+        raise UserError(f"{len(repeats)} image(s) are listed more than once in {images.parent / 'annotations'}, e.g. "
+                        f"{first_name} in {first_where} and {name} in {where}: the official splits must not overlap; "
+                        "remove the repeated lines")
+
+
 def read(root: str | None, size: int, cache_dir: str | None, max_pixels: int, **_: object) -> Source:
     if root is None:
         raise UserError("the oxford-pets data set needs --root DIR (get it with `aepretrain download --root DIR`)")
     folder = Path(root)
     annotations = check_layout(folder)
     if (annotations / "trainval.txt").is_file() and (annotations / "test.txt").is_file():
-        lists = {"train": parse_list(annotations / "trainval.txt"), "test": parse_list(annotations / "test.txt")}
+        files = {"train": "trainval.txt", "test": "test.txt"}
     elif (annotations / "list.txt").is_file():
-        lists = {"train": parse_list(annotations / "list.txt")}
+        files = {"train": "list.txt"}
     else:
         raise UserError(f"{annotations} holds neither trainval.txt and test.txt nor list.txt")
+    lists = {split: parse_list(annotations / name) for split, name in files.items()}
+    check_no_repeats(lists, files, folder / "images")
     ids = {breed(name): cid for entries in lists.values() for name, cid in entries}
     classes = sorted(ids, key=lambda b: (ids[b], b.lower()))
     label_of = {b: k for k, b in enumerate(classes)}

@@ -1,0 +1,164 @@
+"""Run folders: known by a marker only aepretrain writes, replaced only in what aepretrain wrote, used by one
+process at a time.
+
+A folder holds a run (or a study) when it holds ``.aepretrain-run.json``, which records the version, the
+kind of folder and a checksum of the saved settings. ``--overwrite`` removes only the names aepretrain
+writes in a folder of that kind, and anything else stays; a folder that is not empty and holds no marker
+is refused. While a process works in a folder it holds a lock on ``.aepretrain-lock`` there (``flock``,
+released when the process ends, however it ends); a second process is refused with the first one's id.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "run"
+    >>> with run_folder(out, "run") as folder:
+    ...     sorted(p.name for p in folder.iterdir())
+    ['.aepretrain-lock', '.aepretrain-run.json']
+    >>> read_marker(out)["kind"]
+    'run'
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import Config, load, save
+from .errors import UserError
+from .fileio import atomic_write, first_line
+
+MARKER = ".aepretrain-run.json"
+LOCK = ".aepretrain-lock"
+SETTINGS = "config.yaml"
+WRITES = {  # what aepretrain writes in a folder of each kind: all that --overwrite may remove
+    "run": (SETTINGS, "data.json", "metrics.json", "report.md", "report.html", "figures", "checkpoints", "logs"),
+    "study": ("study.json", "study.csv", "study.md", "study.html", "figures", "cells", "pretrain"),
+}
+
+
+def read_marker(out: Path) -> dict[str, Any] | None:
+    """The folder's marker, or None where there is none; one line if it is damaged."""
+    path = Path(out) / MARKER
+    if not path.is_file():
+        return None
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} is damaged ({first_line(exc)}): the folder cannot be trusted as a run") from None
+    if not isinstance(marker, dict) or marker.get("kind") not in WRITES:
+        raise UserError(f"{path} is damaged (no kind of folder in it): the folder cannot be trusted as a run")
+    return marker
+
+
+def _write_marker(out: Path, kind: str, **fields: Any) -> None:
+    atomic_write(out / MARKER, json.dumps({"aepretrain": __version__, "kind": kind, **fields}, indent=2))
+
+
+def _user_entries(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
+
+
+def _check(out: Path, kind: str, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Refuse, writing nothing, a folder this call must not use; return its marker."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    marker = read_marker(out)
+    if marker is None:
+        entries = _user_entries(out)
+        if entries:
+            raise UserError(f"{out} is not empty ({entries[0]}{', ...' if len(entries) > 1 else ''}) and holds no "
+                            f"aepretrain {kind}: choose another --out (aepretrain replaces only folders it made)")
+    elif marker["kind"] != kind:
+        raise UserError(f"{out} holds an aepretrain {marker['kind']}, not a {kind}: choose another --out")
+    elif not (resume or overwrite):
+        raise UserError(f"{out} already holds a {kind}: pass --resume to continue it or --overwrite to replace it")
+    return marker
+
+
+@contextmanager
+def _lock(out: Path) -> Iterator[None]:
+    """Hold ``out/.aepretrain-lock`` (the process id inside) until the block ends; refuse if another holds it."""
+    path = out / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UserError(f"cannot write in {out}: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            raise UserError(f"{out} is in use by process {holder or '(starting)'}, which holds {path}: wait "
+                            "for it to end, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _remove_own(out: Path, kind: str) -> None:
+    """Remove what aepretrain wrote in ``out`` (and leftovers of its interrupted writes); nothing else."""
+    for name in (*WRITES[kind], MARKER):
+        for path in (out / name, *out.glob(f".{name}.*.tmp")):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+
+
+@contextmanager
+def run_folder(out: str | Path, kind: str = "run", resume: bool = False, overwrite: bool = False) -> Iterator[Path]:
+    """The folder of a run or study, locked for this process while the block runs.
+
+    A new or empty folder becomes one (a marker is written); one that holds a run of this kind is used only
+    with ``resume`` or, replaced, with ``overwrite``. Under DDP only the first process opens the folder.
+    """
+    from .training import is_global_zero  # here: importing Lightning is slow and only training needs it
+
+    out = Path(out)
+    if not is_global_zero():
+        yield out
+        return
+    _check(out, kind, resume, overwrite)  # before anything is written
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot make the folder {out}: {exc.strerror or exc}") from None
+    with _lock(out):
+        marker = _check(out, kind, resume, overwrite)  # again, now that no other process can change it
+        if marker is not None and overwrite:
+            _remove_own(out, kind)
+        if marker is None or overwrite:
+            _write_marker(out, kind)
+        yield out
+
+
+def _checksum(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_settings(cfg: Config, out: Path) -> None:
+    """config.yaml, and its checksum in the marker, so that a damaged or cut file is never resumed from."""
+    save(cfg, out / SETTINGS)
+    _write_marker(out, "run", settings_sha256=_checksum(out / SETTINGS))
+
+
+def saved_settings(out: str | Path) -> Config | None:
+    """The settings a run in ``out`` saved, verified against their checksum; None if no run saved any."""
+    out = Path(out)
+    marker = read_marker(out)
+    path = out / SETTINGS
+    if marker is None or marker["kind"] != "run" or not path.is_file():
+        return None
+    if marker.get("settings_sha256") != _checksum(path):
+        raise UserError(f"{path} is damaged or was edited: it does not match the checksum the run saved in "
+                        f"{MARKER}, so the run's settings are unknown; pass --overwrite to start the run again")
+    return load(path)
