@@ -6,7 +6,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -416,12 +418,26 @@ def use_fast_allocator(args: argparse.Namespace) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "aepretrain", *sys.argv[1:]], env)
 
 
+class _Sigint:
+    """Ctrl-C raises KeyboardInterrupt as usual, and is remembered: one that lands inside a C extension's import
+    surfaces later as another error (numpy's "cannot load module more than once"), which is the interruption too."""
+
+    seen = False
+
+    @classmethod
+    def handler(cls, signum: int, frame: Any) -> None:
+        cls.seen = True
+        raise KeyboardInterrupt
+
+
 def interrupted() -> int:
     print("aepretrain: interrupted; what finished is kept in the run folder (--resume continues)", file=sys.stderr)
     return 130
 
 
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _Sigint.handler)
     try:  # all of it: Ctrl-C while torch and Lightning load is an interruption too
         args = build_parser().parse_args(argv)
         if args.command == "run" and not args.out:
@@ -443,6 +459,10 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except BrokenPipeError:  # output piped into `head`: not an error
         sys.stderr.close()
+    except Exception:
+        if _Sigint.seen:
+            return interrupted()
+        raise
     return 0
 
 
