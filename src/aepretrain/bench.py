@@ -3,7 +3,8 @@
 For the classifier and each greedy stage's autoencoder, in one process: images per second (median
 over timed steps after warm-up), FLOPs per image counted from the model (forward and backward of a
 train step), the achieved GFLOP/s, and that as a fraction of this machine's matrix-multiply rate,
-measured in the same run for fp32 and bf16.
+measured in the same run for fp32 and bf16. Each measurement keeps to a time budget: a slow model
+(the reference's autoencoders at 224 px on a CPU) gets fewer steps, down to one timed step.
 
 Example:
     >>> report = bench(resolve("seed"), size=224, batch=32, steps=5)  # doctest: +SKIP
@@ -15,6 +16,8 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
@@ -88,45 +91,80 @@ def train_flops_per_image(name: str, model: nn.Module, x: torch.Tensor, y: torch
     return counter.get_total_flops() / len(x)
 
 
-def _median_rate(batch: int, step: Any, warmup: int, steps: int, device: torch.device) -> float:
-    times = []
-    for i in range(warmup + steps):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return batch / statistics.median(times)
+def step_plan(seconds_per_step: float, warmup: int, steps: int, budget: float, least_warmup: int = 1
+              ) -> tuple[int, int]:
+    """(warm-up steps, timed steps) that fit ``budget`` seconds at ``seconds_per_step``: at least one timed step
+    and ``least_warmup`` warm-ups, up to three timed steps before further warm-ups, at most ``warmup`` and ``steps``.
+    A budget of 0 or less sets no limit.
+
+    >>> step_plan(0.05, warmup=3, steps=10, budget=10)  # a fast model: every step asked for
+    (3, 10)
+    >>> step_plan(1.0, warmup=3, steps=10, budget=10)
+    (3, 7)
+    >>> step_plan(14.0, warmup=3, steps=10, budget=10)  # slower than the budget: the least there is
+    (1, 1)
+    >>> step_plan(14.0, warmup=3, steps=10, budget=10, least_warmup=0)  # a loop that starts warm
+    (0, 1)
+    """
+    fit = int(budget // seconds_per_step) if budget > 0 and seconds_per_step > 0 else warmup + steps
+    timed = max(1, min(fit - least_warmup, 3, steps))
+    warm = max(least_warmup, min(fit - timed, warmup))
+    return warm, timed + max(0, min(fit - timed - warm, steps - timed))
+
+
+def _seconds(step: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    step()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def median_rate(batch: int, step: Callable[[], Any], warmup: int, steps: int, budget: float, device: torch.device
+                ) -> tuple[float, int]:
+    """Images per second over the median timed step, and how many were timed; the first (untimed) step's
+    duration sizes the rest to the budget."""
+    first = _seconds(step, device)
+    warm, timed = step_plan(first, warmup, steps, budget)
+    for _ in range(warm - 1):
+        _seconds(step, device)
+    return batch / statistics.median([_seconds(step, device) for _ in range(timed)]), timed
 
 
 class BatchClock(Callback):
-    """Times whole loop iterations: loading, transfer, augmentation and the step, end to end."""
+    """Times whole loop iterations: loading, transfer, augmentation and the step, end to end (the first from the
+    epoch's start, so that a slow model needs a single batch)."""
 
     def __init__(self) -> None:
         self.ends: list[float] = []
+
+    def on_train_epoch_start(self, *args: Any) -> None:
+        self.ends.append(time.perf_counter())
 
     def on_train_batch_end(self, *args: Any) -> None:
         self.ends.append(time.perf_counter())
 
 
-def loop_rate(name: str, model: nn.Module, cfg: Config, data: Labelled, batch: int, warmup: int, steps: int,
+def loop_rate(name: str, model: nn.Module, cfg: Config, data: Labelled, batch: int, warmup: int, timed: int,
               precision: str) -> float:
     """The real training loop (Lightning, the cached-data loader, on-device augmentation), per batch."""
     clock = BatchClock()
     module = ClassifierModule(model, cfg, None, name) if name == "classifier" else StageModule(model, cfg, None)
     fit = L.Trainer(accelerator=cfg.trainer.device, devices=1, precision=precision, max_epochs=1,
-                    limit_train_batches=warmup + steps + 1, limit_val_batches=0, logger=False,
+                    limit_train_batches=warmup + timed, limit_val_batches=0, logger=False,
                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                     callbacks=[clock])
-    fit.fit(module, loader(data, batch, True, cfg, drop_last=True))
+    with warnings.catch_warnings():  # the modules' validation_step is for training runs, not this loop
+        warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
+        fit.fit(module, loader(data, batch, True, cfg, drop_last=True))
     gaps = np.diff(clock.ends)[warmup:]
     return batch / float(np.median(gaps))
 
 
 def measure(name: str, model: nn.Module, cfg: Config, data: Labelled, precision: str, device: torch.device,
-            size: int, batch: int, warmup: int, steps: int, ceiling: float) -> dict[str, Any]:
-    """One row: the bare step on synthetic tensors, inference, and the whole Lightning loop on cached data."""
+            size: int, batch: int, warmup: int, steps: int, budget: float, ceiling: float) -> dict[str, Any]:
+    """One row: the bare step on synthetic tensors, inference, and the whole Lightning loop on cached data,
+    each within ``budget`` seconds where the model allows."""
     channels, classes = cfg.model.in_channels, cfg.model.num_classes
     model.to(device)
     if cfg.trainer.channels_last:
@@ -149,20 +187,29 @@ def measure(name: str, model: nn.Module, cfg: Config, data: Labelled, precision:
         with torch.no_grad(), _autocast(precision, device):
             model(x)
 
-    step_rate = _median_rate(batch, step, warmup, steps, device)
+    step_rate, step_count = median_rate(batch, step, warmup, steps, budget, device)
     model.eval()
-    infer_rate = _median_rate(batch, infer, warmup, steps, device)
+    infer_rate, infer_count = median_rate(batch, infer, warmup, steps, budget, device)
     model.train()
-    loop = loop_rate(name, model, cfg, data, batch, warmup, steps, precision)
+    # the model is warm from the bare step, so the loop needs no warm-up of its own when time is short
+    loop_warm, loop_count = step_plan(batch / step_rate, warmup, steps, budget, least_warmup=0)
+    loop = loop_rate(name, model, cfg, data, batch, loop_warm, loop_count, precision)
     achieved = flops * step_rate / 1e9
     return {"model": name, "size": size, "batch": batch, "precision": precision,
             "step_img_s": round(step_rate, 2), "loop_img_s": round(loop, 2), "infer_img_s": round(infer_rate, 2),
             "gflop_per_img": round(flops / 1e9, 3), "achieved_gflops": round(achieved, 1),
-            "fraction_of_matmul": round(achieved / ceiling, 3)}
+            "fraction_of_matmul": round(achieved / ceiling, 3),
+            "timed_steps": {"step": step_count, "loop": loop_count, "infer": infer_count}}
 
 
 def bench(cfg: Config, size: int, batch: int, precisions: list[str] | None = None, warmup: int = 3,
-          steps: int = 10, only: list[str] | None = None) -> dict[str, Any]:
+          steps: int = 10, only: list[str] | None = None, seconds: float = 10.0,
+          progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Every model (or ``only`` those) at every precision (default: fp32, and bf16 or fp16 where the hardware
+    computes it natively: never an emulated one). ``seconds`` is the budget of each measurement (step, loop,
+    inference of one model): slow models get fewer timed steps; 0 sets no limit. ``progress`` gets a line per
+    measurement."""
+    say = progress or (lambda line: None)
     set_threads()
     device = torch.device("cuda" if cfg.trainer.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     default = resolved_precision("auto", device.type)
@@ -171,16 +218,22 @@ def bench(cfg: Config, size: int, batch: int, precisions: list[str] | None = Non
     rates = {"fp32": matmul_gflops(device, torch.float32)}
     if device.type == "cuda" or default == "bf16-mixed":
         rates["bf16"] = matmul_gflops(device, torch.bfloat16)
+    say("bench: matmul " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in rates.items()))
     rng = np.random.default_rng(0)
     n = batch * (warmup + steps + 2)
     data = Labelled(rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8),
                     rng.integers(0, classes, n).astype(np.int64), [str(i) for i in range(n)])
+    jobs = [(precision, name, model) for precision in precisions for name, model in _models(cfg, channels, classes)
+            if not only or name in only]
     rows = []
-    for precision in precisions:
-        for name, model in _models(cfg, channels, classes):
-            if not only or name in only:
-                ceiling = rates["bf16" if precision in AUTOCAST and "bf16" in rates else "fp32"]
-                rows.append(measure(name, model, cfg, data, precision, device, size, batch, warmup, steps, ceiling))
+    for k, (precision, name, model) in enumerate(jobs, 1):
+        started = time.perf_counter()
+        ceiling = rates["bf16" if precision in AUTOCAST and "bf16" in rates else "fp32"]
+        row = measure(name, model, cfg, data, precision, device, size, batch, warmup, steps, seconds, ceiling)
+        rows.append(row)
+        say(f"bench: [{k}/{len(jobs)}] {name} {precision} at {size} px, batch {batch}: step {row['step_img_s']} img/s "
+            f"({row['fraction_of_matmul']:.0%} of matmul), loop {row['loop_img_s']}, inference {row['infer_img_s']}; "
+            f"{row['timed_steps']['step']} timed steps, {time.perf_counter() - started:.0f} s")
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     return {"device": name, "torch": torch.__version__, "matmul_gflops": {k: round(v, 1) for k, v in rates.items()},
@@ -191,6 +244,7 @@ def table(report: dict[str, Any]) -> str:
     head = ["model", "size", "batch", "precision", "step_img_s", "loop_img_s", "infer_img_s", "gflop_per_img",
             "achieved_gflops", "fraction_of_matmul"]
     lines = [f"device: {report['device']}, matmul GFLOP/s: {report['matmul_gflops']}",
-             " ".join(f"{h:>14}" for h in head)]
-    lines += [" ".join(f"{str(row[h]):>14}" for h in head) for row in report["rows"]]
+             " ".join(f"{h:>14}" for h in head) + "  timed steps (step/loop/infer)"]
+    lines += [" ".join(f"{str(row[h]):>14}" for h in head) + "  " + "/".join(map(str, row["timed_steps"].values()))
+              for row in report["rows"]]
     return "\n".join(lines)

@@ -58,7 +58,8 @@ COMMAND_FLAGS = {  # a command accepts only the flags it uses
     "summary": f"{_FILES} image-size",
     "bench": f"{_FILES} image-size device",
 }
-FLAG_RANGES = {"top_k": "[1, 1000]", "steps": "[1, 10000]", "warmup": "[0, 10000]", "batch": "[1, 65536]"}
+FLAG_RANGES = {"top_k": "[1, 1000]", "steps": "[1, 10000]", "warmup": "[0, 10000]", "batch": "[1, 65536]",
+               "seconds": "[0, 86400]"}
 
 
 def _settings(p: argparse.ArgumentParser, command: str) -> None:
@@ -280,7 +281,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         for value in values or []:
             check_choice(key, value, choices)
     report = bench(cfg, size, cfg.finetune.batch_size if args.batch is None else args.batch, precisions,
-                   args.warmup, args.steps, models)
+                   args.warmup, args.steps, models, args.seconds,
+                   progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(report, indent=2) if args.json else table(report))
 
 
@@ -356,10 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
     _settings(p, "bench")
     p.add_argument("--size", type=int, help="image size (default: the preset's)")
     p.add_argument("--batch", type=int, help="batch size (default: the preset's fine-tuning batch)")
-    p.add_argument("--precisions", help="comma-separated, e.g. 32,bf16-mixed (default: 32 and the fastest)")
+    p.add_argument("--precisions", help="comma-separated, e.g. 32,bf16-mixed (default: 32, and bf16 or fp16 where "
+                   "the hardware computes it natively)")
     p.add_argument("--models", help="comma-separated subset of classifier,stage1,stage2,... (default: all)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10, help="timed steps; the median counts")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first, at most")
+    p.add_argument("--steps", type=int, default=10, help="timed steps at most; the median counts")
+    p.add_argument("--seconds", type=float, default=10.0,
+                   help="time budget of each measurement (step, loop, inference of one model): slow models get "
+                   "fewer steps, down to one; 0: no limit (default: 10)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=cmd_bench)
 

@@ -23,9 +23,18 @@ from .models import Encoder
 KNN_K = 10
 
 
-def features(encoder: Encoder, images: torch.Tensor, depth: int) -> torch.Tensor:
-    """GAP features of uint8 NHWC images after ``depth`` blocks, in eval mode (BatchNorm statistics fixed)."""
-    return over_batches(encoder, images, lambda x: encoder(x, depth).mean(dim=(2, 3)), batch_size=512)
+def features(encoder: Encoder, images: torch.Tensor) -> list[torch.Tensor]:
+    """GAP features of uint8 NHWC images after every block, from one forward pass, in eval mode (BatchNorm
+    statistics fixed): depth k reuses the pass through blocks 1..k-1 instead of recomputing it."""
+    def every_depth(x: torch.Tensor) -> torch.Tensor:
+        pooled = []
+        for block in encoder.blocks:
+            x = block(x)
+            pooled.append(x.mean(dim=(2, 3)))
+        return torch.cat(pooled, 1)
+
+    widths = [block.channels[-1] for block in encoder.spec.blocks]
+    return list(over_batches(encoder, images, every_depth, batch_size=512).split(widths, 1))
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, evals: list[torch.Tensor], classes: int,
@@ -66,10 +75,9 @@ def probe_encoder(encoder: Encoder, bundle: DataBundle, label: str) -> list[dict
     """One row per depth: linear and kNN accuracy on validation and test, trained on the labelled train split."""
     classes = len(bundle.classes)
     train_y, val_y, test_y = (torch.from_numpy(s.labels) for s in (bundle.train, bundle.val, bundle.test))
+    by_split = [features(encoder, torch.from_numpy(s.images)) for s in (bundle.train, bundle.val, bundle.test)]
     rows = []
-    for depth in range(1, len(encoder.blocks) + 1):
-        train_x, val_x, test_x = (features(encoder, torch.from_numpy(s.images), depth)
-                                  for s in (bundle.train, bundle.val, bundle.test))
+    for depth, (train_x, val_x, test_x) in enumerate(zip(*by_split), 1):
         linear_val, linear_test = linear_probe(train_x, train_y, [val_x, test_x], classes)
         row: dict[str, Any] = {"encoder": label, "depth": depth, "features": int(train_x.shape[1])}
         row["linear_val"] = float((linear_val == val_y).float().mean())
