@@ -82,6 +82,7 @@ class PretrainConfig:
     mask_ratio: float = 0.5  # greedy-masked: share of patches masked; the loss counts masked pixels only
     dataset: str | None = None  # pre-training data of its own (labelled or not); null: the labelled data set
     root: str | None = None
+    fraction: float = 1.0  # share of pretrain.dataset used (stratified); data.ae_fraction is for the labelled data
     include_test: bool = False  # let the labelled test images into pre-training (transductive)
 
 
@@ -294,6 +295,8 @@ def _validate(cfg: Config) -> None:
         value = getattr(cfg.data, name)
         if not 0.0 < value < 1.0 and not (name == "ae_fraction" and value == 1.0):
             raise UserError(f"data.{name} must lie between 0 and 1 (exclusive), got {value}")
+    if not 0.0 < cfg.pretrain.fraction <= 1.0:
+        raise UserError(f"pretrain.fraction must lie in (0, 1], got {cfg.pretrain.fraction}")
 
 
 def resolve(

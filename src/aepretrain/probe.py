@@ -17,13 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from .data import DataBundle
+from .data.base import Images
 from .evaluate import over_batches
 from .models import Encoder
 
 KNN_K = 10
 
 
-def features(encoder: Encoder, images: torch.Tensor, depth: int) -> torch.Tensor:
+def features(encoder: Encoder, images: torch.Tensor | Images, depth: int) -> torch.Tensor:
     """GAP features of uint8 NHWC images after ``depth`` blocks, in eval mode (BatchNorm statistics fixed)."""
     return over_batches(encoder, images, lambda x: encoder(x, depth).mean(dim=(2, 3)), batch_size=512)
 
@@ -68,7 +69,7 @@ def probe_encoder(encoder: Encoder, bundle: DataBundle, label: str) -> list[dict
     train_y, val_y, test_y = (torch.from_numpy(s.labels) for s in (bundle.train, bundle.val, bundle.test))
     rows = []
     for depth in range(1, len(encoder.blocks) + 1):
-        train_x, val_x, test_x = (features(encoder, torch.from_numpy(s.images), depth)
+        train_x, val_x, test_x = (features(encoder, s.images, depth)
                                   for s in (bundle.train, bundle.val, bundle.test))
         linear_val, linear_test = linear_probe(train_x, train_y, [val_x, test_x], classes)
         row: dict[str, Any] = {"encoder": label, "depth": depth, "features": int(train_x.shape[1])}
