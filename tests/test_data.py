@@ -153,13 +153,13 @@ def test_cache_is_reused_and_rebuilt_when_a_file_changes(tiny_pets: Path) -> Non
     prepare(cfg.data, 0)
     from aepretrain.data.cache import cache_root
 
-    files = sorted(cache_root(None).glob("oxford-pets-*-48-*.npz"))
+    files = sorted(cache_root(None).glob("oxford-pets-*-48-*.npy"))
     assert len(files) == 2
     prepare(cfg.data, 0)
-    assert sorted(cache_root(None).glob("oxford-pets-*-48-*.npz")) == files
+    assert sorted(cache_root(None).glob("oxford-pets-*-48-*.npy")) == files
     photo(999).save(tiny_pets / "images" / "Bengal_1.jpg", "JPEG")
     prepare(cfg.data, 0)
-    assert len(sorted(cache_root(None).glob("oxford-pets-*-48-*.npz"))) == 3
+    assert len(sorted(cache_root(None).glob("oxford-pets-*-48-*.npy"))) == 3
 
 
 def test_splits_are_stratified_seeded_and_disjoint() -> None:

@@ -1,12 +1,18 @@
-"""DDP on 2 CPU processes (gloo): the greedy stages and fine-tuning complete and split the data."""
+"""DDP on 2 CPU processes (gloo): the greedy stages and fine-tuning complete and split the data, and the
+pre-training images' store is built once and mapped by both processes."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-# 4 classes x 40: train 144 and autoencoder-train 48 images, both divisible by 2 processes x batch 8,
-# so a split epoch sees exactly the images a single process does.
+from .conftest import photo
+
+# 4 classes x 40: train 144 images, and a folder of 53 unlabelled photos for pre-training (48 after the
+# autoencoders' validation tenth), both divisible by 2 processes x batch 8, so a split epoch sees exactly the
+# images a single process does.
 TINY = ["--dataset", "synthetic", "--image-size", "16", "--quiet", "--precision", "32", "--device", "cpu",
         "--set", "pretrain.epochs=2", "--set", "finetune.epochs=2", "--set", "pretrain.batch_size=8",
         "--set", "finetune.batch_size=8", "--set", "data.synthetic_per_class=40", "--set", "data.val_fraction=0.1"]
@@ -19,15 +25,24 @@ def samples_per_epoch(out: Path) -> dict[str, list[float]]:
 
 
 def test_ddp_on_two_cpu_processes_matches_one_process_in_samples_per_epoch(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(53):
+        photo(i).save(photos / f"{i}.png")
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     for out, extra in ((single, []), (ddp, ["--devices", "2", "--strategy", "ddp"])):
-        result = subprocess.run([sys.executable, "-m", "aepretrain", "run", "--out", str(out), *TINY, *extra],
-                                capture_output=True, text=True, timeout=400)
+        env = dict(os.environ, AEPRETRAIN_CACHE=str(tmp_path / f"cache-{out.name}"))  # each run builds its own store
+        result = subprocess.run([sys.executable, "-m", "aepretrain", "run", "--out", str(out), *TINY, *extra,
+                                 "--pretrain-data", str(photos)], capture_output=True, text=True, timeout=400, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
+        assert len(re.findall(r"^stored 53 images of folder-all-16 ", result.stderr, re.M)) == 1, result.stderr[-3000:]
+        assert "waiting" not in result.stderr and "damaged" not in result.stderr
+    assert len(list((tmp_path / "cache-ddp").glob("folder-all-16-*.npy"))) == 1
     seen = samples_per_epoch(single)
     assert seen == {"stage1": [48, 48], "stage2": [48, 48], "stage3": [48, 48], "pretrained": [144, 144],
                     "scratch": [144, 144]}
     assert samples_per_epoch(ddp) == seen
     m = json.loads((ddp / "metrics.json").read_text())
+    assert m["pretrain"]["images"] == 53 and "folder at" in m["pretrain"]["data"]
     assert m["pretrain"]["stages"][2]["epochs"] == 2 and (ddp / "report.html").is_file()
     assert (ddp / "checkpoints" / "classifier-pretrained.safetensors").is_file()

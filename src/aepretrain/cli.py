@@ -266,6 +266,28 @@ def cmd_download(args: argparse.Namespace) -> None:
     print(f"Oxford-IIIT Pet is in {root}: use --dataset oxford-pets --root {root}")
 
 
+def cmd_cache(args: argparse.Namespace) -> None:
+    from .data.cache import cache_root, clear, entries
+    from .data.store import in_units
+
+    folder = cache_root(args.dir)
+    if args.action == "clear":
+        removed, busy = clear(folder)
+        print(f"removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} from {folder}, "
+              f"{in_units(sum(r['bytes'] for r in removed))} freed")
+        for name in busy:
+            print(f"  kept {name}: another process is building it")
+        return
+    rows = entries(folder)
+    if args.json:
+        print(json.dumps({"folder": str(folder), "entries": rows}, indent=2))
+        return
+    print(f"{folder}: {len(rows)} entr{'y' if len(rows) == 1 else 'ies'}, {in_units(sum(r['bytes'] for r in rows))}")
+    for r in rows:
+        images = "" if r["images"] is None else f"{r['images']} images"
+        print(f"  {r['entry']:<48} {in_units(r['bytes']):>10} {images:>15}  {r['state']:<10} {r['source'] or ''}")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import bench, table
     from .config import check_choice, check_image_size
@@ -377,6 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, help="how many seeds, from --seed on")
     p.add_argument("--objectives", help="comma-separated pre-training objectives to compare with scratch")
     p.set_defaults(handler=cmd_study)
+
+    p = sub.add_parser("cache", help="list the decoded data stores in the cache with their sizes, or clear them")
+    p.add_argument("action", choices=["list", "clear"])
+    p.add_argument("--dir", metavar="DIR", help="the cache folder (default: $AEPRETRAIN_CACHE, else "
+                   "$XDG_CACHE_HOME/aepretrain or ~/.cache/aepretrain)")
+    p.add_argument("--json", action="store_true", help="print JSON (list)")
+    p.set_defaults(handler=cmd_cache)
 
     p = sub.add_parser("report", help="rebuild report.md and report.html from a run folder")
     p.add_argument("dir", metavar="DIR")

@@ -87,6 +87,7 @@ class PretrainConfig:
     mask_ratio: float = 0.5  # greedy-masked: share of patches masked; the loss counts masked pixels only
     dataset: str | None = None  # pre-training data of its own (labelled or not); null: the labelled data set
     root: str | None = None
+    fraction: float = 1.0  # share of pretrain.dataset used (stratified); data.ae_fraction is for the labelled data
     include_test: bool = False  # let the labelled test images into pre-training (transductive)
 
 
@@ -275,7 +276,7 @@ RANGES = {
     "data.ae_fraction": "(0, 1]", "data.train_limit": "[2, inf)", "data.test_limit": "[1, inf)",
     "data.max_pixels": "[1, inf)", "data.synthetic_per_class": "[1, 100000]", "data.synthetic_classes": "[2, 1000]",
     "augment.rotation": "[0, 180]", "augment.zoom": "[0, 1)",
-    "pretrain.epochs": "[1, 100000]", "pretrain.lr": "(0, 1e37]", "pretrain.adam_eps": "(0, 1]", "pretrain.batch_size": "[1, 65536]",
+    "pretrain.epochs": "[1, 100000]", "pretrain.lr": "(0, 1e37]", "pretrain.adam_eps": "(0, 1]", "pretrain.fraction": "(0, 1]", "pretrain.batch_size": "[1, 65536]",
     "pretrain.noise_std": "[0, inf)", "pretrain.mask_patch": "[0, 1024]", "pretrain.mask_ratio": "(0, 1]",
     "probe.train_limit": "[2, inf)",
     "finetune.epochs": "[1, 100000]", "finetune.lr": "(0, 1e37]", "finetune.adam_eps": "(0, 1]", "finetune.batch_size": "[1, 65536]",

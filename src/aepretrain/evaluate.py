@@ -15,31 +15,32 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from .data.base import Labelled
+from .data.base import Images, Labelled
 from .models import Classifier
 
 
 @torch.no_grad()
-def over_batches(model: nn.Module, images: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor],
+def over_batches(model: nn.Module, images: torch.Tensor | Images, fn: Callable[[torch.Tensor], torch.Tensor],
                  batch_size: int = 256) -> torch.Tensor:
-    """``fn`` of uint8 NHWC images scaled to [0, 1], batch by batch on the model's device, in eval mode."""
+    """``fn`` of uint8 NHWC images scaled to [0, 1], batch by batch on the model's device, in eval mode. Images
+    of a store are gathered a batch at a time."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size].to(device).permute(0, 3, 1, 2).float().div_(255.0)
+        x = torch.as_tensor(images[start:start + batch_size]).to(device).permute(0, 3, 1, 2).float().div_(255.0)
         out.append(fn(x).float().cpu())
     model.train(was_training)
     return torch.cat(out)
 
 
-def logits_of(classifier: Classifier, images: torch.Tensor) -> torch.Tensor:
+def logits_of(classifier: Classifier, images: torch.Tensor | Images) -> torch.Tensor:
     return over_batches(classifier, images, classifier)
 
 
 def evaluate(classifier: Classifier, test: Labelled, classes: list[str]) -> dict[str, Any]:
-    logits = logits_of(classifier, torch.from_numpy(test.images))
+    logits = logits_of(classifier, test.images)
     labels = torch.from_numpy(test.labels)
     confusion = MulticlassConfusionMatrix(num_classes=len(classes))(logits.argmax(1), labels)
     support = confusion.sum(1).clamp(min=1)

@@ -97,7 +97,7 @@ def _start(cfg: Config, out: Path, resume: bool, overwrite: bool, adding_arm: bo
                 save_settings(cfg, out)
             else:
                 cfg = reconcile(cfg, saved, out)
-        bundle = prepare(cfg.data, cfg.seed)
+        bundle = prepare(cfg.data, cfg.seed, progress=cfg.trainer.progress)
         labels_required(bundle)
         write_json(out / "data.json", describe(bundle, out / "figures" / "samples.png" if main else None))
         metrics = _metrics(out) | {
@@ -119,7 +119,7 @@ def _pretrain(cfg: Config, bundle: DataBundle, out: Path, metrics: dict[str, Any
         metrics["probes"] = probes(cfg, bundle, pre.encoder)
     write_json(out / "metrics.json", metrics)
     shown = bundle.test.take(np.arange(min(6, len(bundle.test))))
-    originals = torch.from_numpy(shown.images).permute(0, 3, 1, 2).float() / 255
+    originals = torch.from_numpy(np.asarray(shown.images)).permute(0, 3, 1, 2).float() / 255
     recon = reconstruct(pre.autoencoders, originals)
     if is_global_zero():
         figures.reconstructions(_nhwc(originals), [_nhwc(r) for r in recon], out / "figures" / "reconstructions.png")
@@ -177,7 +177,7 @@ def run_evaluate(cfg: Config, checkpoint: str | Path, out: Path | None) -> dict[
     classifier, meta = load_classifier(checkpoint)
     trained = meta["config"]  # the split the model was trained with, so its training images stay out of the test
     split = {k: getattr(trained.data, k) for k in ("val_fraction", "test_fraction", "train_limit", "test_limit")}
-    bundle = prepare(dataclasses.replace(cfg.data, **split), trained.seed)
+    bundle = prepare(dataclasses.replace(cfg.data, **split), trained.seed, progress=cfg.trainer.progress)
     labels_required(bundle)
     if len(meta["classes"]) != len(bundle.classes) or meta["in_channels"] != bundle.channels:
         raise UserError(f"{checkpoint} was trained on {len(meta['classes'])} classes of {meta['in_channels']} "
@@ -219,7 +219,7 @@ def _run(cfg: Config, out: Path, bundle: DataBundle, metrics: dict[str, Any], re
 
     shown = bundle.test.take(np.arange(min(cfg.predict.images, len(bundle.test))))
     arm = arms.get("pretrained") or next(iter(arms.values()))
-    rows = top_k(arm.classifier, bundle.classes, shown.images, cfg.predict.top_k)
+    rows = top_k(arm.classifier, bundle.classes, np.asarray(shown.images), cfg.predict.top_k)
     metrics["predictions"] = [{"image": name, "true": bundle.classes[label], "arm": arm.init, "top": top}
                               for name, label, top in zip(shown.names, shown.labels, rows)]
     write_json(out / "metrics.json", metrics)

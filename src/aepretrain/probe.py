@@ -17,13 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from .data import DataBundle
+from .data.base import Images
 from .evaluate import over_batches
 from .models import Encoder
 
 KNN_K = 10
 
 
-def features(encoder: Encoder, images: torch.Tensor) -> list[torch.Tensor]:
+def features(encoder: Encoder, images: torch.Tensor | Images) -> list[torch.Tensor]:
     """GAP features of uint8 NHWC images after every block, from one forward pass, in eval mode (BatchNorm
     statistics fixed): depth k reuses the pass through blocks 1..k-1 instead of recomputing it."""
     def every_depth(x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +76,7 @@ def probe_encoder(encoder: Encoder, bundle: DataBundle, label: str) -> list[dict
     """One row per depth: linear and kNN accuracy on validation and test, trained on the labelled train split."""
     classes = len(bundle.classes)
     train_y, val_y, test_y = (torch.from_numpy(s.labels) for s in (bundle.train, bundle.val, bundle.test))
-    by_split = [features(encoder, torch.from_numpy(s.images)) for s in (bundle.train, bundle.val, bundle.test)]
+    by_split = [features(encoder, s.images) for s in (bundle.train, bundle.val, bundle.test)]
     rows = []
     for depth, (train_x, val_x, test_x) in enumerate(zip(*by_split), 1):
         linear_val, linear_test = linear_probe(train_x, train_y, [val_x, test_x], classes)

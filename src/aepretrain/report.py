@@ -52,6 +52,12 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _seen(history: list[dict[str, Any]]) -> int | None:
+    """Images trained on in an epoch, summed over DDP processes (the most of any epoch)."""
+    counts = [int(row["samples"]) for row in history if "samples" in row]
+    return max(counts) if counts else None
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> Block:
     return ("table", (header, [[_fmt(v) for v in row] for row in rows]))
 
@@ -126,12 +132,13 @@ def blocks(out: Path) -> list[Block]:
         rows.append([f"#{stage['stage']}", f"{prm['total']:,} / {prm['trainable']:,} / {prm['non_trainable']:,}",
                      "{:,} / {:,} / {:,}".format(*ref["params"]) if ref else None, stage["epochs"], stage["seconds"],
                      ref["seconds"] if ref else None, stage["train_loss"], ref["train_loss"] if ref else None,
-                     stage["val_loss"]])
+                     stage["val_loss"], _seen(stage["history"])])
     pre = m["pretrain"]
     b.append(("p", f"Objective **{pre.get('objective', 'greedy')}**; pre-training data: {pre.get('data', 'n/a')} "
                    f"({_fmt(pre.get('images'))} images)."))
     b.append(_table(["stage", "params total / trainable / non-trainable", "reference", "epochs", "seconds",
-                     "reference s (30 epochs)", "train MSE", "reference train MSE", "val MSE"], rows))
+                     "reference s (30 epochs)", "train MSE", "reference train MSE", "val MSE",
+                     "images trained on per epoch"], rows))
     b.append(_table(["", "ours", "reference"], [["test reconstruction MSE (last stage)", m["pretrain"]["test_mse"],
                                                  REFERENCE["test_mse"]]]))
     b.append(("img", (fig / "reconstructions.png", "Test images and their reconstructions by each stage")))
@@ -156,9 +163,10 @@ def blocks(out: Path) -> list[Block]:
         ref = REFERENCE.get(arm, {})
         rows.append([arm, r["test_loss"], ref.get("test_loss"), r["test_accuracy"], ref.get("test_accuracy"),
                      r["best_val_accuracy"], r["best_epoch"], r["epochs"], r["epochs_to_target"], ref.get("epochs"),
-                     r["seconds"]])
+                     r["seconds"], _seen(r["history"])])
     b.append(_table(["arm", "test loss", "reference", "test accuracy", "reference", "best val acc", "best epoch",
-                     "epochs run", "epochs to target", "reference epochs", "seconds"], rows))
+                     "epochs run", "epochs to target", "reference epochs", "seconds", "images trained on per epoch"],
+                    rows))
     b.append(("img", (fig / "finetune-curves.png", "Accuracy and loss per epoch, both arms")))
     arms = list(m["finetune"])
     b.append(_table(["class", *[f"{a} accuracy" for a in arms]],

@@ -1,7 +1,7 @@
 """What every training step shares: batches, on-device augmentation, the Lightning Trainer, history.
 
-Data stays decoded as uint8 in memory; a batch is converted to float and augmented on the device
-it trains on (kornia), so the loop does no per-image Python work beyond indexing.
+Data stays decoded as uint8 in the memory-mapped store; a batch is gathered from it at once, converted to float
+and augmented on the device it trains on (kornia), so the loop does no per-image Python work.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 
 import kornia.augmentation as K
 import lightning as L
+import numpy as np
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
@@ -34,17 +35,32 @@ from .fileio import atomic_write, first_line, write_stream
 
 
 class ImageDataset(Dataset):
-    """uint8 images (N, H, W, C) as CHW tensors with their labels; no copies per item."""
+    """Images as CHW uint8 tensors with their labels, gathered a whole batch at a time from the store.
+
+    ``__getitems__`` takes a batch's indices, reads their rows in file order (sorted: the page cache reads
+    forward) in one numpy gather, and returns the batch in that order: one copy per batch, no Python work per
+    image. The order within a batch is then a function of the sampler's, so still of (seed, epoch) only.
+    """
 
     def __init__(self, data: Labelled) -> None:
-        self.images = torch.from_numpy(data.images).permute(0, 3, 1, 2)  # a view: NHWC memory, CHW shape
-        self.labels = torch.from_numpy(data.labels)
+        self.data = data
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.data)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[i], self.labels[i]
+        x, y = self.__getitems__([i])
+        return x[0], y[0]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = np.sort(np.asarray(indices, np.int64))
+        x = torch.from_numpy(self.data.images.gather(index)).permute(0, 3, 1, 2)  # NHWC memory, NCHW shape
+        return x, torch.from_numpy(self.data.labels[index])
+
+
+def whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DataLoader's collate step: ``ImageDataset.__getitems__`` already returns the batch."""
+    return batch
 
 
 class EpochShuffle(Sampler[int]):
@@ -72,7 +88,7 @@ def loader(data: Labelled, batch_size: int, shuffle: bool, cfg: Config, drop_las
     """Batches of ``data``. The loader draws its workers' base seed from a generator of its own, not from the
     global one: Lightning creates the iterator at another moment in a resumed fit than in an unbroken one, and a
     draw from the global generator there would shift the augmentation and dropout of the epoch."""
-    return DataLoader(ImageDataset(data), batch_size=min(batch_size, max(1, len(data))),
+    return DataLoader(ImageDataset(data), batch_size=min(batch_size, max(1, len(data))), collate_fn=whole_batch,
                       sampler=EpochShuffle(len(data), cfg.seed) if shuffle else None,
                       drop_last=drop_last and len(data) > batch_size,
                       num_workers=cfg.trainer.num_workers, pin_memory=torch.cuda.is_available(),

@@ -1,4 +1,4 @@
-"""Data: read a data set by name, decode it once into a cache, and split it.
+"""Data: read a data set by name, decode it once into a store on disk, and split it into index arrays.
 
 Example:
     >>> from aepretrain.config import resolve
@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
 from ..config import Config, DataConfig, closest
 from ..errors import UserError
 from . import fashion_mnist, folder, oxford_pets, synthetic
-from .base import UNLABELLED, DataBundle, Labelled, Source
+from .base import UNLABELLED, DataBundle, Labelled, Source, match_channels
+from .cache import progress_shown
 from .splits import autoencoder_split, stratified_split, stratified_subset
 
 READERS: dict[str, Callable[..., Source]] = {
@@ -27,19 +29,22 @@ READERS: dict[str, Callable[..., Source]] = {
     "synthetic": synthetic.read,
 }
 
-__all__ = ["READERS", "DataBundle", "Labelled", "Source", "UNLABELLED", "prepare", "pretrain_images", "read_source"]
+__all__ = ["READERS", "DataBundle", "Labelled", "Source", "UNLABELLED", "match_channels", "prepare",
+           "pretrain_images", "read_source"]
 
 
-def read_source(cfg: DataConfig, seed: int) -> Source:
+def read_source(cfg: DataConfig, seed: int, progress: bool = True) -> Source:
+    """The data set's decoded pools; a store built on the way shows a progress bar on a terminal if ``progress``."""
     if cfg.dataset not in READERS:
         raise UserError(f"unknown data set '{cfg.dataset}'{closest(cfg.dataset, list(READERS))}; "
                         f"choose one of {', '.join(READERS)}")
-    return READERS[cfg.dataset](root=cfg.root, size=cfg.image_size, cache_dir=cfg.cache_dir,
-                                max_pixels=cfg.max_pixels, seed=seed, classes=cfg.synthetic_classes,
-                                per_class=cfg.synthetic_per_class)
+    with progress_shown(progress):
+        return READERS[cfg.dataset](root=cfg.root, size=cfg.image_size, cache_dir=cfg.cache_dir,
+                                    max_pixels=cfg.max_pixels, seed=seed, classes=cfg.synthetic_classes,
+                                    per_class=cfg.synthetic_per_class)
 
 
-def prepare(cfg: DataConfig, seed: int) -> DataBundle:
+def prepare(cfg: DataConfig, seed: int, progress: bool = True) -> DataBundle:
     """Train / val / test / autoencoder splits, stratified and seeded.
 
     The official test split is kept where one exists; otherwise ``test_fraction`` is carved from
@@ -47,7 +52,7 @@ def prepare(cfg: DataConfig, seed: int) -> DataBundle:
     autoencoder subset is ``ae_fraction`` of train + val, as the reference did; its validation
     images come from the rest of train + val.
     """
-    source = read_source(cfg, seed)
+    source = read_source(cfg, seed, progress)
     pool, test = source.train, source.test
     notes = []
     if test is None:
@@ -69,42 +74,52 @@ def prepare(cfg: DataConfig, seed: int) -> DataBundle:
                       class_ids=source.class_ids, skipped=source.skipped, missing=source.missing, notes=notes)
 
 
-def match_channels(images: np.ndarray, channels: int) -> np.ndarray:
-    """NHWC uint8 to the labelled data's channels: RGB to gray by luminance, or gray repeated to RGB."""
-    if images.shape[-1] == channels:
-        return images
-    if channels == 1:
-        gray = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-        return np.clip(gray.round(), 0, 255).astype(np.uint8)[..., None]
-    return np.repeat(images, channels, axis=-1)
+def same_data(a: str, root_a: str | None, b: str, root_b: str | None) -> bool:
+    """The same data set under any spelling of its root: a trailing slash, a relative path, a symbolic link."""
+    if a != b:
+        return False
+    if root_a is None or root_b is None:
+        return root_a == root_b
+    first, second = Path(root_a), Path(root_b)
+    return first.resolve() == second.resolve() or (first.exists() and second.exists() and first.samefile(second))
 
 
 def pretrain_images(cfg: Config, bundle: DataBundle) -> tuple[Labelled, Labelled, str]:
     """The images the autoencoders train on, those their validation loss is taken on, and a sentence saying
     which they are.
 
-    By default the autoencoder subset of the labelled data. With ``pretrain.dataset``, a data set of
-    its own, labelled or not, under the same subset rule; the labelled test split enters only with
-    ``pretrain.include_test``.
+    By default the autoencoder subset of the labelled data (``data.ae_fraction`` of train + val). With
+    ``pretrain.dataset``, ``pretrain.fraction`` (default all) of a data set of its own, labelled or not; if that
+    is the labelled data set, its train + val. Their validation images are the rest of that data set, or, where
+    the fraction is all of it, ``data.val_fraction`` of it held out. An image identical to one of the labelled test split (the same
+    file under another path, or a copy) never enters pre-training unless ``pretrain.include_test``.
     """
     p = cfg.pretrain
     if p.dataset is None:
         images, val = bundle.ae, bundle.ae_val
         what = f"the autoencoder subset of {bundle.dataset}: {cfg.data.ae_fraction:.0%} of train + val"
     else:
-        if (p.dataset, p.root) == (cfg.data.dataset, cfg.data.root):
+        if same_data(p.dataset, p.root, cfg.data.dataset, cfg.data.root):
             pool = Labelled.concat([bundle.train, bundle.val])  # the labelled test split never enters this way
+            where = f"train + val of {p.dataset}"
         else:
-            source = read_source(dataclasses.replace(cfg.data, dataset=p.dataset, root=p.root), cfg.seed)
+            source = read_source(dataclasses.replace(cfg.data, dataset=p.dataset, root=p.root), cfg.seed,
+                                 cfg.trainer.progress)
             pool = source.train if source.test is None else Labelled.concat([source.train, source.test])
-        take, held_out = autoencoder_split(pool.labels, cfg.data.ae_fraction, cfg.data.val_fraction, cfg.seed)
-        images, val = (Labelled(match_channels(part.images, bundle.channels), part.labels, part.names)
-                       for part in (pool.take(take), pool.take(held_out)))
+            where = f"{p.dataset} at {p.root}"
+        take, held_out = autoencoder_split(pool.labels, p.fraction, cfg.data.val_fraction, cfg.seed)
+        images, val = pool.take(take), pool.take(held_out)
+        for part in (images, val):
+            part.images = part.images.with_channels(bundle.channels)  # converted batch by batch, not here
         kind = "unlabelled" if (images.labels == UNLABELLED).all() else "labelled (labels unused)"
-        what = f"{p.dataset} at {p.root} ({kind}): {cfg.data.ae_fraction:.0%} of its {len(pool)} images"
+        what = f"{where} ({kind}): {p.fraction:.0%} of its {len(pool)} images"
+        if not p.include_test:
+            keep = ~np.isin(images.images.digests(), bundle.test.images.digests())
+            if not keep.all():
+                what += f"; {int((~keep).sum())} identical to labelled test images left out"
+                images = images.take(np.flatnonzero(keep))
     if p.include_test:
-        test = Labelled(match_channels(bundle.test.images, bundle.channels), bundle.test.labels, bundle.test.names)
-        images = Labelled.concat([images, test])
+        images = Labelled.concat([images, bundle.test])
         what += f", plus the {len(bundle.test)} labelled test images (asked for: pretrain.include_test)"
     else:
         what += "; no labelled test image"

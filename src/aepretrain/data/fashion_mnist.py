@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import gzip
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .base import Labelled, Source
+from .base import Source
 from .cache import cached, fingerprint
 
 DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+RESIZE_CHUNK = 2048  # images resized at a time: memory stays small at any size
 HOW_TO_GET = ("install it with `sudo apt-get install dataset-fashion-mnist` (files under "
               f"{DEBIAN_ROOT}) or pass --root to a folder holding the four idx files")
 
@@ -64,12 +66,14 @@ def read(root: str | None, size: int, cache_dir: str | None, **_: object) -> Sou
     for split, (images_stem, labels_stem) in FILES.items():
         paths = [_find(folder, images_stem), _find(folder, labels_stem)]
 
-        def build(paths: list[Path] = paths, split: str = split) -> tuple[Labelled, list[dict]]:
+        def read_split(paths: list[Path] = paths, split: str = split
+                       ) -> tuple[np.ndarray, list[str], Iterator[np.ndarray], tuple[int, ...]]:
             images, labels = _read_idx(paths[0], 3), _read_idx(paths[1], 1)
             if len(images) != len(labels):
                 raise UserError(f"{paths[0]} holds {len(images)} images but {paths[1]} {len(labels)} labels")
-            return Labelled(resize_batch(images, size), labels.astype(np.int64),
-                            [f"{split}/{i}" for i in range(len(labels))]), []
+            chunks = (resize_batch(images[i:i + RESIZE_CHUNK], size) for i in range(0, len(images), RESIZE_CHUNK))
+            return labels.astype(np.int64), [f"{split}/{i}" for i in range(len(labels))], chunks, \
+                (len(labels), size, size, 1)
 
-        splits[split], _skipped = cached(cache_dir, f"fashion-mnist-{split}-{size}", fingerprint(paths, size), build)
+        splits[split] = cached(cache_dir, f"fashion-mnist-{split}-{size}", fingerprint(paths, size), folder, read_split)
     return Source(classes=list(CLASSES), train=splits["train"], test=splits["test"], channels=1)

@@ -12,9 +12,7 @@ Example:
 
 from __future__ import annotations
 
-import os
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -73,22 +71,6 @@ def decode(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         return None, str(exc)
     except OSError as exc:  # stat or open failed: permissions, a vanished file
         return None, f"unreadable: {exc.strerror or exc}"
-
-
-def _decode_args(args: tuple[str, int, int]) -> tuple[np.ndarray | None, str | None]:
-    return decode(*args)
-
-
-def decode_many(paths: list[Path], size: int, max_pixels: int) -> tuple[list[np.ndarray | None], list[str | None]]:
-    """Decode a list of files, on every core when the list is long."""
-    jobs = [(str(p), size, max_pixels) for p in paths]
-    workers = min(os.cpu_count() or 1, 8)
-    if len(jobs) < 64 or workers == 1:
-        results = [_decode_args(job) for job in jobs]
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            results = list(pool.map(_decode_args, jobs, chunksize=32))
-    return [r[0] for r in results], [r[1] for r in results]
 
 
 def load_for_prediction(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
