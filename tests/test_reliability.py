@@ -40,6 +40,13 @@ def unbroken(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def test_a_short_run_learns_separable_classes(unbroken: Path) -> None:
+    """4 classes of distinct stripe patterns: both arms must end far above chance (0.25)."""
+    m = json.loads((unbroken / "metrics.json").read_text())
+    for arm in ("pretrained", "scratch"):
+        assert m["finetune"][arm]["test_accuracy"] >= 0.25 + 0.5, (arm, m["finetune"][arm]["test_accuracy"])
+
+
 def test_same_seed_same_metrics(unbroken: Path, tmp_path: Path) -> None:
     assert main(["run", "--out", str(tmp_path / "again"), *TINY]) == 0
     assert numbers(tmp_path / "again") == numbers(unbroken)
