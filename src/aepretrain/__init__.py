@@ -25,4 +25,6 @@ __all__ = [*_API, "__version__"]
 def __getattr__(name: str) -> Any:
     if name not in _API:
         raise AttributeError(f"module 'aepretrain' has no attribute '{name}'")
-    return getattr(import_module(f".{_API[name]}", __name__), name)
+    value = getattr(import_module(f".{_API[name]}", __name__), name)
+    globals()[name] = value  # importing the submodule bound its name here (aepretrain.predict): the function wins
+    return value

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..config import Config, DataConfig, closest
 from ..errors import UserError
+from ..seeds import derive_seed
 from . import fashion_mnist, folder, oxford_pets, synthetic
 from .base import UNLABELLED, DataBundle, Labelled, Source, match_channels
 from .cache import progress_shown
@@ -90,8 +91,8 @@ def pretrain_images(cfg: Config, bundle: DataBundle) -> tuple[Labelled, Labelled
 
     By default the autoencoder subset of the labelled data (``data.ae_fraction`` of train + val). With
     ``pretrain.dataset``, ``pretrain.fraction`` (default all) of a data set of its own, labelled or not; if that
-    is the labelled data set, its train + val. Their validation images are the rest of that data set, or, where
-    the fraction is all of it, ``data.val_fraction`` of it held out. An image identical to one of the labelled test split (the same
+    is the labelled data set, its train + val (validated as the autoencoder subset is); else validated on the
+    labelled data's ``ae_val`` images. An image identical to one of the labelled test split (the same
     file under another path, or a copy) never enters pre-training unless ``pretrain.include_test``.
     """
     p = cfg.pretrain
@@ -102,15 +103,17 @@ def pretrain_images(cfg: Config, bundle: DataBundle) -> tuple[Labelled, Labelled
         if same_data(p.dataset, p.root, cfg.data.dataset, cfg.data.root):
             pool = Labelled.concat([bundle.train, bundle.val])  # the labelled test split never enters this way
             where = f"train + val of {p.dataset}"
-        else:
+            take, held_out = autoencoder_split(pool.labels, p.fraction, cfg.data.val_fraction, cfg.seed)
+            images, val = pool.take(take), pool.take(held_out)
+        else:  # all of it (by default) is trained on; the validation loss is taken on the labelled data's images
             source = read_source(dataclasses.replace(cfg.data, dataset=p.dataset, root=p.root), cfg.seed,
                                  cfg.trainer.progress)
             pool = source.train if source.test is None else Labelled.concat([source.train, source.test])
             where = f"{p.dataset} at {p.root}"
-        take, held_out = autoencoder_split(pool.labels, p.fraction, cfg.data.val_fraction, cfg.seed)
-        images, val = pool.take(take), pool.take(held_out)
-        for part in (images, val):
-            part.images = part.images.with_channels(bundle.channels)  # converted batch by batch, not here
+            take = np.arange(len(pool)) if p.fraction >= 1 else stratified_split(pool.labels, p.fraction,
+                                                                                   derive_seed(cfg.seed, "pretrain-fraction"))[1]
+            images, val = pool.take(take), bundle.ae_val
+        images.images = images.images.with_channels(bundle.channels)  # converted batch by batch, not here
         kind = "unlabelled" if (images.labels == UNLABELLED).all() else "labelled (labels unused)"
         what = f"{where} ({kind}): {p.fraction:.0%} of its {len(pool)} images"
         if not p.include_test:
