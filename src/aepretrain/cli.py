@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -416,12 +417,25 @@ def use_fast_allocator(args: argparse.Namespace) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "aepretrain", *sys.argv[1:]], env)
 
 
+CTRL_C = {"seen": False}
+
+
+def _on_ctrl_c(signum: int, frame: Any) -> None:
+    """Ctrl-C is remembered as well as raised: a library that swallows the KeyboardInterrupt while it imports
+    leaves a half-loaded module behind, which fails later with another error; Lightning turns one in a fit into
+    exit status 1."""
+    CTRL_C["seen"] = True
+    raise KeyboardInterrupt
+
+
 def interrupted() -> int:
     print("aepretrain: interrupted; what finished is kept in the run folder (--resume continues)", file=sys.stderr)
     return 130
 
 
 def main(argv: list[str] | None = None) -> int:
+    CTRL_C["seen"] = False
+    previous = signal.signal(signal.SIGINT, _on_ctrl_c)
     try:  # all of it: Ctrl-C while torch and Lightning load is an interruption too
         args = build_parser().parse_args(argv)
         if args.command == "run" and not args.out:
@@ -438,12 +452,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return interrupted()
     except SystemExit:
-        if "aepretrain.training" in sys.modules and sys.modules["aepretrain.training"].NoteInterrupt.interrupted:
-            return interrupted()  # Lightning exits with status 1 after Ctrl-C in a fit
+        if CTRL_C["seen"]:
+            return interrupted()
         raise
     except BrokenPipeError:  # output piped into `head`: not an error
         sys.stderr.close()
-    return 0
+    except Exception:
+        if CTRL_C["seen"]:
+            return interrupted()
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return interrupted() if CTRL_C["seen"] else 0
 
 
 if __name__ == "__main__":
