@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -39,6 +40,15 @@ def photo(seed: int, size: tuple[int, int] = (40, 30), mode: str = "RGB") -> Ima
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     return Image.fromarray(pixels).convert(mode)
+
+
+def numbers(out: Path) -> dict:
+    """metrics.json without what legitimately differs between runs: timings and resume bookkeeping."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in ("seconds", "resumed_from", "checkpoint")}
+        return [strip(v) for v in x] if isinstance(x, list) else x
+    return strip(json.loads((out / "metrics.json").read_text()))
 
 
 def make_oxford(root: Path, breeds: dict[str, int], per_breed: int = 6, comments: bool = False) -> Path:

@@ -20,7 +20,7 @@ from aepretrain.config import resolve
 from aepretrain.errors import UserError
 from aepretrain.runfolder import LOCK, MARKER, run_folder
 
-from .conftest import make_oxford, photo
+from .conftest import make_oxford, numbers, photo
 
 TINY = ["--dataset", "synthetic", "--image-size", "16", "--quiet", "--precision", "32",
         "--set", "pretrain.epochs=1", "--set", "finetune.epochs=1", "--set", "pretrain.batch_size=16",
@@ -33,15 +33,6 @@ def one_line_error(capsys: pytest.CaptureFixture[str], *parts: str) -> str:
     for part in parts:
         assert part in err, err
     return err
-
-
-def numbers(out: Path) -> dict:
-    """metrics.json without what legitimately differs between runs: timings and resume bookkeeping."""
-    def strip(x):
-        if isinstance(x, dict):
-            return {k: strip(v) for k, v in x.items() if k not in ("seconds", "resumed_from", "checkpoint")}
-        return [strip(v) for v in x] if isinstance(x, list) else x
-    return strip(json.loads((out / "metrics.json").read_text()))
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +85,8 @@ def test_overwrite_removes_only_the_names_aepretrain_writes(copy: Path) -> None:
 
 
 def test_a_run_and_a_study_do_not_take_each_others_folders(finished: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["study", "--out", str(finished), *TINY]) == 2
+    assert main(["study", "--out", str(finished), *TINY, "--label-fractions", "1", "--seeds", "1",
+                 "--set", "study.epochs=1", "--set", "study.min_steps=1"]) == 2
     one_line_error(capsys, "holds an aepretrain run, not a study")
 
 
@@ -295,6 +287,7 @@ def test_a_second_process_on_a_run_folder_is_refused_with_the_holder(tmp_path: P
                 first.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         assert first.poll() is None, first.stderr.read().decode()[-2000:]
+        assert (out / MARKER).is_file(), "no run folder marker after 120 s"
         assert main(["run", "--out", str(out), "--resume"]) == 2
         one_line_error(capsys, f"is in use by process {first.pid}")
     finally:
@@ -313,7 +306,10 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path: Path) -> None:
     time.sleep(1.0)  # importing torch and Lightning takes longer than this
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 130 and "Traceback" not in err and err.strip().endswith("(--resume continues)"), err
+    # 130, or death by SIGINT (a shell shows both as 130): CPython ends so when the interrupt escaped an
+    # exec() of a string on its way, as in dataclasses, even though main caught it
+    assert proc.returncode in (130, -signal.SIGINT) and "Traceback" not in err, err
+    assert err.strip().endswith("(--resume continues)"), err
 
 
 def test_evaluate_says_when_class_names_differ(finished: Path, tmp_path: Path,

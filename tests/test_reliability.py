@@ -14,6 +14,8 @@ import pytest
 
 from aepretrain.cli import main
 
+from .conftest import numbers
+
 TINY = ["--dataset", "synthetic", "--image-size", "32", "--quiet", "--precision", "32",
         "--set", "pretrain.epochs=4", "--set", "finetune.epochs=3", "--set", "pretrain.batch_size=16",
         "--set", "finetune.batch_size=16", "--set", "data.synthetic_per_class=64"]
@@ -22,15 +24,6 @@ TINY = ["--dataset", "synthetic", "--image-size", "32", "--quiet", "--precision"
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "aepretrain", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=300)
-
-
-def numbers(out: Path) -> dict:
-    """metrics.json without what legitimately differs between runs: timings and resume bookkeeping."""
-    def strip(x):
-        if isinstance(x, dict):
-            return {k: strip(v) for k, v in x.items() if k not in ("seconds", "resumed_from", "checkpoint")}
-        return [strip(v) for v in x] if isinstance(x, list) else x
-    return strip(json.loads((out / "metrics.json").read_text()))
 
 
 @pytest.fixture(scope="module")

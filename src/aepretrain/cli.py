@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -453,16 +452,15 @@ def use_fast_allocator(args: argparse.Namespace) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "aepretrain", *sys.argv[1:]], env)
 
 
-class _Sigint:
-    """Ctrl-C raises KeyboardInterrupt as usual, and is remembered: one that lands inside a C extension's import
-    surfaces later as another error (numpy's "cannot load module more than once"), which is the interruption too."""
+CTRL_C = {"seen": False}
 
-    seen = False
 
-    @classmethod
-    def handler(cls, signum: int, frame: Any) -> None:
-        cls.seen = True
-        raise KeyboardInterrupt
+def _on_ctrl_c(signum: int, frame: Any) -> None:
+    """Ctrl-C is remembered as well as raised: a library that swallows the KeyboardInterrupt while it imports
+    leaves a half-loaded module behind, which fails later with another error; Lightning turns one in a fit into
+    exit status 1."""
+    CTRL_C["seen"] = True
+    raise KeyboardInterrupt
 
 
 def interrupted() -> int:
@@ -471,8 +469,8 @@ def interrupted() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _Sigint.handler)
+    CTRL_C["seen"] = False
+    previous = signal.signal(signal.SIGINT, _on_ctrl_c)
     try:  # all of it: Ctrl-C while torch and Lightning load is an interruption too
         args = build_parser().parse_args(argv)
         if args.command == "run" and not args.out:
@@ -489,16 +487,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return interrupted()
     except SystemExit:
-        if "aepretrain.training" in sys.modules and sys.modules["aepretrain.training"].NoteInterrupt.interrupted:
-            return interrupted()  # Lightning exits with status 1 after Ctrl-C in a fit
+        if CTRL_C["seen"]:
+            return interrupted()
         raise
     except BrokenPipeError:  # output piped into `head`: not an error
         sys.stderr.close()
     except Exception:
-        if _Sigint.seen:
+        if CTRL_C["seen"]:
             return interrupted()
         raise
-    return 0
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return interrupted() if CTRL_C["seen"] else 0
 
 
 if __name__ == "__main__":

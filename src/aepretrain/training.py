@@ -182,16 +182,6 @@ class History(Callback):
         return round(sum(row["seconds"] for row in self.epochs), 2)
 
 
-class NoteInterrupt(Callback):
-    """Lightning turns Ctrl-C during a fit into exit status 1; this keeps the fact so the CLI can say so."""
-
-    interrupted = False
-
-    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt):
-            NoteInterrupt.interrupted = True
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoints written to a temporary file, then renamed: a kill or a full disk mid-write
     leaves the previous checkpoint whole."""
@@ -227,7 +217,7 @@ def trainer(cfg: Config, out: Path, name: str, epochs: int, callbacks: list[Call
             sync_batchnorm=t.sync_batchnorm, precision=resolved_precision(t.precision, t.device),
             max_epochs=epochs, gradient_clip_val=t.gradient_clip_val, deterministic=False,
             logger=[CSVLogger(logs, name=name, version=""), TensorBoardLogger(logs, name=name, version="")],
-            callbacks=[*callbacks, FiniteEpoch(), NoteInterrupt(), resume_ckpt, *bars], enable_progress_bar=t.progress,
+            callbacks=[*callbacks, FiniteEpoch(), resume_ckpt, *bars], enable_progress_bar=t.progress,
             plugins=[AtomicCheckpointIO()],
             enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10, **smoke,
         )
