@@ -435,7 +435,9 @@ TCMALLOC = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/aarc
 def use_fast_allocator(args: argparse.Namespace) -> None:
     """Restart once under tcmalloc, as PyTorch's CPU launcher (torch.backends.xeon.run_cpu) does, where it pays:
     measured on 2 Zen 4 cores, +19 % train step at 224 px, +11 % for an autoencoder at 128 px, but -8 % wall
-    time for the 32 px quick preset. So `trainer.allocator: auto` takes it from 128 px up."""
+    time for the 32 px quick preset. So `trainer.allocator: auto` takes it from 128 px up, and always for `bench`:
+    in its fresh process glibc hands the step's buffers back to the system and faults them in again every step
+    (15,000 page faults, +40 % time at 32 px on a Zen 3), which a long run's glibc has stopped doing."""
     if "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
         return
     try:
@@ -443,7 +445,8 @@ def use_fast_allocator(args: argparse.Namespace) -> None:
     except UserError:
         return  # the command itself reports the mistake
     choice = os.environ.get("AEPRETRAIN_ALLOCATOR") or cfg.trainer.allocator
-    if choice == "default" or (choice == "auto" and (cfg.data.image_size < 128 or cfg.trainer.device == "cuda")):
+    small = cfg.data.image_size < 128 and args.command != "bench"
+    if choice == "default" or (choice == "auto" and (small or cfg.trainer.device == "cuda")):
         return
     library = next((path for path in TCMALLOC if os.path.exists(path)), None)
     if library is None:
