@@ -88,32 +88,56 @@ def damage(kind: str, npy: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["truncated", "flipped bytes", "an npz under the name", "no completeness marker",
                                   "a garbled marker", "a missing pixel file"])
-def test_a_damaged_store_is_rebuilt_and_said_in_one_line(kind: str, tmp_path: Path) -> None:
+def test_a_damaged_store_is_rebuilt_and_said_in_one_line(kind: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
     root = folder_of_photos(tmp_path / "photos", 12)
-    env = dict(os.environ, AEPRETRAIN_CACHE=str(tmp_path / "cache"))
-    args = ["--dataset", "folder", "--root", str(root), "--image-size", "16", "--out", str(tmp_path / "o"), "--json"]
-    first = data_cli(*args, env=env)
-    assert first.returncode == 0 and len(STORED.findall(first.stderr)) == 1, first.stderr
+    args = ["data", "--dataset", "folder", "--root", str(root), "--image-size", "16", "--out", str(tmp_path / "o"),
+            "--json", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert main(args) == 0
+    first = capsys.readouterr()
+    assert len(STORED.findall(first.err)) == 1, first.err
     [npy] = (tmp_path / "cache").glob("*.npy")
     pixels = np.load(npy).copy()
     damage(kind, npy)
-    again = data_cli(*args, env=env)
-    assert again.returncode == 0, again.stderr
-    assert "Traceback" not in again.stderr
-    said = [line for line in again.stderr.splitlines() if "is damaged" in line]
-    assert len(said) == 1 and said[0].endswith("rebuilding it") and len(STORED.findall(again.stderr)) == 1
+    assert main(args) == 0  # an exception other than a UserError would fail the test here, with its traceback
+    again = capsys.readouterr()
+    said = [line for line in again.err.splitlines() if "is damaged" in line]
+    assert len(said) == 1 and said[0].endswith("rebuilding it") and len(STORED.findall(again.err)) == 1
     assert np.array_equal(np.load(npy), pixels)
-    assert json.loads(again.stdout)["counts"] == json.loads(first.stdout)["counts"]
-    third = data_cli(*args, env=env)
-    assert third.returncode == 0 and third.stderr == ""  # rebuilt whole: mapped as it is
+    assert json.loads(again.out)["counts"] == json.loads(first.out)["counts"]
+    assert main(args) == 0
+    assert capsys.readouterr().err == ""  # rebuilt whole: mapped as it is
 
 
-def test_a_full_disk_while_building_is_one_line_and_the_previous_store_stays_usable(tmp_path: Path) -> None:
+def test_a_build_killed_midway_leaves_nothing_that_is_trusted(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    root = folder_of_photos(tmp_path / "photos", 300, size=(400, 300))
+    cache = tmp_path / "cache"
+    env = dict(os.environ, AEPRETRAIN_CACHE=str(cache))
+    args = ["--dataset", "folder", "--root", str(root), "--image-size", "64", "--out", str(tmp_path / "o")]
+    build = subprocess.Popen([sys.executable, "-m", "aepretrain", "data", *args], env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not list(cache.glob(".*.tmp")) and build.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(build.pid, signal.SIGKILL)  # the decoding workers too
+    build.wait()
+    assert list(cache.glob(".*.tmp")) and not list(cache.glob("*.json")), "killed too late: the build finished"
+    assert main(["data", *args, "--set", f"data.cache_dir={cache}"]) == 0
+    err = capsys.readouterr().err
+    assert len(STORED.findall(err)) == 1 and "damaged" not in err
+    assert not list(cache.glob(".*.tmp")), "the killed build's temporary file was left"
+
+
+def test_a_full_disk_while_building_is_one_line_and_the_previous_store_stays_usable(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """RLIMIT_FSIZE makes the kernel refuse writes past a size: a real write failure, no mock."""
     root = folder_of_photos(tmp_path / "photos", 40)
     env = dict(os.environ, AEPRETRAIN_CACHE=str(tmp_path / "cache"))
     args = ["--dataset", "folder", "--root", str(root), "--image-size", "32", "--out", str(tmp_path / "o")]
-    assert data_cli(*args, env=env).returncode == 0
+    prepare(resolve("quick", **{"data.dataset": "folder", "data.root": str(root), "data.image_size": 32,
+                                "data.cache_dir": str(tmp_path / "cache")}).data, 0)
+    capsys.readouterr()
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
     photo(999).save(root / "new.png")  # another set of files: another store
 
@@ -128,8 +152,8 @@ def test_a_full_disk_while_building_is_one_line_and_the_previous_store_stays_usa
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir() if p.suffix != ".lock"} == \
         {k: v for k, v in before.items() if not k.endswith(".lock")}, "the failed build left files or changed some"
     (root / "new.png").unlink()
-    reused = data_cli(*args, env=env)
-    assert reused.returncode == 0 and reused.stderr == "", reused.stderr
+    assert main(["data", *args, "--set", f"data.cache_dir={tmp_path / 'cache'}"]) == 0
+    assert capsys.readouterr().err == ""  # the previous store, mapped as it is
 
 
 def test_a_second_process_waits_for_a_build_and_never_reads_it_half_done(tmp_path: Path) -> None:
@@ -137,7 +161,8 @@ def test_a_second_process_waits_for_a_build_and_never_reads_it_half_done(tmp_pat
     cache = tmp_path / "cache"
     env = dict(os.environ, AEPRETRAIN_CACHE=str(cache))
     args = ["--dataset", "folder", "--root", str(root), "--image-size", "16", "--out", str(tmp_path / "o"), "--json"]
-    assert data_cli(*args, env=env).returncode == 0
+    prepare(resolve("quick", **{"data.dataset": "folder", "data.root": str(root), "data.image_size": 16,
+                                "data.cache_dir": str(cache)}).data, 0)
     [npy] = cache.glob("*.npy")
     whole = np.load(npy).copy()
     with locked(npy.with_suffix(".lock"), "test"):  # this process builds it now: the marker is gone, rows half written
