@@ -228,14 +228,17 @@ def test_pretrain_data_never_brings_a_labelled_test_image_under_another_spelling
     assert len(test) == len(bundle.test) == 6
     for spelling, (dataset, root) in spellings(tiny_pets, tmp_path).items():
         cfg = resolve("quick", **base, **{"pretrain.dataset": dataset, "pretrain.root": root})
-        images, what = pretrain_images(cfg, bundle)
-        assert not test & set(images.images.digests().tolist()), spelling
-        assert len(images) == len(bundle.train) + len(bundle.val) == 12, spelling
+        images, val, what = pretrain_images(cfg, bundle)
+        other_files = spelling in ("a copy", "its images as a folder")
+        assert not test & set(images.images.digests().tolist()) and not test & set(val.images.digests().tolist())
+        # the labelled data set: its train + val, some held out for the validation loss; other files: all but the
+        # test split's images
+        assert len(images) + (0 if other_files else len(val)) == len(bundle.train) + len(bundle.val) == 12, spelling
         assert what.endswith("; no labelled test image"), spelling
-        assert ("identical to labelled test images left out" in what) == (spelling in ("a copy", "its images as a folder"))
+        assert ("identical to labelled test images left out" in what) == other_files, spelling
     cfg = resolve("quick", **base, **{"pretrain.dataset": "folder", "pretrain.root": str(tmp_path / "copy" / "images"),
                                       "pretrain.include_test": True})
-    images, what = pretrain_images(cfg, bundle)
+    images, _, what = pretrain_images(cfg, bundle)
     assert len(images) == 18 + 6 and "plus the 6 labelled test images" in what
 
 
@@ -245,8 +248,8 @@ def test_pretrain_data_uses_all_its_images_unless_pretrain_fraction_says_otherwi
             "pretrain.root": str(photos)}
     cfg = resolve("quick", **base)
     bundle = prepare(cfg.data, 0)
-    images, what = pretrain_images(cfg, bundle)
+    images, _, what = pretrain_images(cfg, bundle)
     assert len(images) == 30 and "100% of its 30 images" in what and "unlabelled" in what
-    images, what = pretrain_images(resolve("quick", **base, **{"pretrain.fraction": 0.5}), bundle)
+    images, _, what = pretrain_images(resolve("quick", **base, **{"pretrain.fraction": 0.5}), bundle)
     assert len(images) == 15 and "50% of its 30 images" in what
     assert main(["data", "--dataset", "synthetic", "--set", "pretrain.fraction=0"]) == 2
