@@ -2,7 +2,7 @@
 Lightning's litdata (``optimize`` into chunks, read with ``StreamingDataset``).
 
 Each phase runs as a child process whose peak memory is measured as benchmarks/memory.py does (peak PSS of the
-process tree, largest single RSS):
+process tree and its anonymous part, largest single RSS):
 
 - build: decode every photo (open, JPEG draft, RGB, resize to 224) into the format, on every core;
 - read: two shuffled epochs of batches of 32 uint8 images, as they reach the training step (nothing else is
@@ -111,6 +111,7 @@ def main() -> None:
             printed = re.findall(r"^\{.*\}$", str(result["stderr"]), re.M)
             row = {"phase": name, "loader_workers" if name.startswith("read") else "decoders": workers,
                    "seconds": result["seconds"], "peak_pss_mb": result["peak_pss_mb"],
+                   "peak_anon_mb": result["peak_anon_mb"],
                    "max_rss_mb": result["max_rss_mb"], "rc": result["rc"],
                    "img_s_per_epoch": json.loads(printed[-1])["img_s"] if printed else None}
             if result["rc"] != 0:

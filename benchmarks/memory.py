@@ -10,8 +10,9 @@ new names: each is decoded as a file of its own), then, each in a fresh cache, r
   minutes on a CPU and hold nothing of the store),
 
 and records the peak memory of each child's process tree: the largest proportional set size (PSS: shared pages
-counted once, split among the processes sharing them) sampled every 0.1 s from /proc, and the largest
-single-process resident set (``ru_maxrss`` of the children). Decode speed is the store's own summary line
+counted once, split among the processes sharing them) sampled every 0.1 s from /proc, the peak of its
+anonymous part (what the processes hold themselves; the rest is the page cache's file pages, the mapped store
+among them, which the kernel drops under pressure), and the largest single-process resident set (``ru_maxrss``). Decode speed is the store's own summary line
 (decode, write, read back and check) against a bare Pillow loop (open, draft, RGB, resize; nothing kept) over
 the same files with the same number of processes.
 
@@ -69,32 +70,36 @@ def _tree(pid: int) -> list[int]:
     return pids
 
 
-def _pss_kb(pid: int) -> int:
+def _pss_kb(pid: int) -> tuple[int, int]:
+    """(PSS, its anonymous part) of one process in kB: the rest is file pages, the page cache's (the mapped store)."""
     try:
         text = Path(f"/proc/{pid}/smaps_rollup").read_text()
     except OSError:
-        return 0
-    match = re.search(r"^Pss:\s+(\d+) kB", text, re.M)
-    return int(match.group(1)) if match else 0
+        return 0, 0
+    found = dict(re.findall(r"^(Pss|Pss_Anon):\s+(\d+) kB", text, re.M))
+    return int(found.get("Pss", 0)), int(found.get("Pss_Anon", 0))
 
 
 def measured(command: list[str], env: dict[str, str]) -> dict[str, object]:
-    """Run ``command``; its exit code, seconds, stderr, the peak PSS of its process tree and the largest
-    single-process peak RSS among its descendants, in MB."""
+    """Run ``command``; its exit code, seconds, stderr, and in MB the peak PSS of its process tree, the peak of
+    that PSS's anonymous part (memory the processes hold themselves, not the page cache's file pages they map),
+    and the largest single-process peak RSS among its descendants."""
     started = time.perf_counter()
     log = tempfile.TemporaryFile("w+")  # not a pipe: a full pipe would stall the child
     child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
-    peak = 0
+    peak, peak_anon = 0, 0
     while True:  # wait4, not poll: it gives this child's own resource usage, its largest RSS included
         pid, status, usage = os.wait4(child.pid, os.WNOHANG)
         if pid:
             break
-        peak = max(peak, sum(_pss_kb(p) for p in _tree(child.pid)))
+        sizes = [_pss_kb(p) for p in _tree(child.pid)]
+        peak, peak_anon = max(peak, sum(s for s, _ in sizes)), max(peak_anon, sum(a for _, a in sizes))
         time.sleep(0.1)
     child.returncode = os.waitstatus_to_exitcode(status)
     log.seek(0)
-    return {"rc": child.returncode, "seconds": round(time.perf_counter() - started, 1),
-            "stderr": log.read(), "peak_pss_mb": round(peak / 1024), "max_rss_mb": round(usage.ru_maxrss / 1024)}
+    return {"rc": child.returncode, "seconds": round(time.perf_counter() - started, 1), "stderr": log.read(),
+            "peak_pss_mb": round(peak / 1024), "peak_anon_mb": round(peak_anon / 1024),
+            "max_rss_mb": round(usage.ru_maxrss / 1024)}
 
 
 def _bare(path: str) -> None:
@@ -139,9 +144,10 @@ def main() -> None:
             rows.append({"n": n, "stored": int(stored.group(1)) if stored else None,
                          "store_size": stored.group(2) if stored else None,
                          "data_rc": data["rc"], "data_seconds": data["seconds"], "data_peak_pss_mb": data["peak_pss_mb"],
-                         "data_max_rss_mb": data["max_rss_mb"], "decode_img_s": int(stored.group(3)) if stored else None,
+                         "data_peak_anon_mb": data["peak_anon_mb"], "data_max_rss_mb": data["max_rss_mb"], "decode_img_s": int(stored.group(3)) if stored else None,
                          "bare_pillow_img_s": round(bare), "run_rc": run["rc"], "run_seconds": run["seconds"],
-                         "run_peak_pss_mb": run["peak_pss_mb"], "run_max_rss_mb": run["max_rss_mb"],
+                         "run_peak_pss_mb": run["peak_pss_mb"], "run_peak_anon_mb": run["peak_anon_mb"],
+                         "run_max_rss_mb": run["max_rss_mb"],
                          "pretrain_images": metrics.get("pretrain", {}).get("images")})
             for name, result in (("data", data), ("run", run)):
                 if result["rc"] != 0:
@@ -151,14 +157,14 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print("\n| N | store | `data` s | `data` peak PSS MB | max RSS MB | decode img/s | bare Pillow img/s | ratio "
-          "| `run --smoke` peak PSS MB | max RSS MB | pre-trained on |")
+    print("\n| N | store | `data` s | `data` peak PSS MB (anonymous) | max RSS MB | decode img/s | bare Pillow img/s "
+          "| ratio | `run --smoke` peak PSS MB (anonymous) | max RSS MB | pre-trained on |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['decode_img_s'] / r['bare_pillow_img_s']:.2f}" if r["decode_img_s"] else "n/a"
-        print(f"| {r['n']:,} | {r['store_size']} | {r['data_seconds']} | {r['data_peak_pss_mb']} | {r['data_max_rss_mb']} "
-              f"| {r['decode_img_s']} | {r['bare_pillow_img_s']} | {ratio} | {r['run_peak_pss_mb']} "
-              f"| {r['run_max_rss_mb']} | {r['pretrain_images']} |")
+        print(f"| {r['n']:,} | {r['store_size']} | {r['data_seconds']} | {r['data_peak_pss_mb']} ({r['data_peak_anon_mb']}) "
+              f"| {r['data_max_rss_mb']} | {r['decode_img_s']} | {r['bare_pillow_img_s']} | {ratio} "
+              f"| {r['run_peak_pss_mb']} ({r['run_peak_anon_mb']}) | {r['run_max_rss_mb']} | {r['pretrain_images']} |")
 
 
 if __name__ == "__main__":

@@ -143,9 +143,10 @@ def _read_index(marker: Path) -> dict[str, Any]:
 
 def _build(entry: Entry, fill: Fill) -> None:
     """Write the pixels (to a temporary file: allocate, fill, read back and check, rename), then the index."""
-    for stale in entry.folder.glob(f".{entry.file('npy').name}.*.tmp"):
+    for stale in entry.folder.glob(f".{entry.name}-{entry.key}.*.tmp"):
         stale.unlink()  # a killed build's: we hold the entry's lock, so no one is writing it
-    entry.file("json").unlink(missing_ok=True)
+    for kind in ("json", "npy"):  # absent, or damaged: its room is better spent on the new one
+        entry.file(kind).unlink(missing_ok=True)
     started = time.perf_counter()
     progress = Progress(0, f"decoding {entry.name}", SHOW_PROGRESS.get())
     meta: dict[str, Any] = {}
@@ -194,8 +195,8 @@ def load_or_build(cache_dir: str | None, name: str, key: str, fill: Fill) -> tup
                 found = read_entry(entry)
     except OSError as exc:
         raise UserError(f"cannot write the data store {entry.name} in {entry.folder}: {exc.strerror or first_line(exc)}"
-                        "; free some space or set data.cache_dir or $AEPRETRAIN_CACHE to another folder "
-                        "(the stores already there are untouched)") from None
+                        "; free space there, or point data.cache_dir or $AEPRETRAIN_CACHE at a writable folder with "
+                        "room for it (the stores already there are untouched)") from None
     except Damaged as exc:
         raise UserError(f"the data store {entry.file('npy')} did not verify right after it was built ({exc})") from None
     assert found is not None
@@ -223,7 +224,7 @@ def decode_cached(dataset: str, split: str, paths: list[Path], labels: list[int]
 
 
 def cached(cache_dir: str | None, name: str, key: str, source: Path,
-           read: Callable[[], tuple[np.ndarray, list[str], Iterator[np.ndarray], int]]) -> Labelled:
+           read: Callable[[], tuple[np.ndarray, list[str], Iterator[np.ndarray], tuple[int, ...]]]) -> Labelled:
     """A store written from arrays: ``read()`` gives labels, names, the pixels as chunks of rows, and their shape."""
 
     def fill(tmp: Path, progress: Progress) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 The file is allocated at its full size first (a full disk shows before any decoding), each worker decodes its
 share of the files and writes every image straight into its row, and the main process only counts. Nothing
-but the file names and the reasons for skipped files is ever held in memory, however many images there are.
+but the file names, a digest per image and the reasons for skipped files is held in memory, however many
+images there are.
 Rows of files that could not be decoded stay zero and are left out of the index.
 
 Example:
@@ -108,7 +109,7 @@ def _decode_chunk(job: tuple[int, list[str]]) -> tuple[int, list[str | None], li
     return start, reasons, digests
 
 
-def decode_into(path: Path, offset: int, files: list[Path], size: int, max_pixels: int, progress: "Progress"
+def decode_into(path: Path, offset: int, files: list[Path], size: int, max_pixels: int, progress: Progress
                 ) -> tuple[list[str | None], list[int]]:
     """Decode ``files`` to size x size RGB straight into their rows of ``path``, on every core when there are many.
     Returns per file the reason it was skipped (None: decoded) and its row's digest."""
