@@ -129,11 +129,3 @@ def test_probes_find_separable_features() -> None:
     assert float((knn == test_y).float().mean()) >= 0.95
     shuffled = knn_predict(train_x, train_y[torch.randperm(150)], test_x, 3)  # labels that carry nothing
     assert float((shuffled == test_y).float().mean()) < 0.7
-
-
-def test_the_lazy_api_gives_the_function_every_time() -> None:
-    import aepretrain
-
-    for name in ("predict", "study", "bench", "run", "load_encoder"):
-        first, second = getattr(aepretrain, name), getattr(aepretrain, name)
-        assert callable(first) and first is second and not isinstance(second, type(aepretrain)), name
