@@ -11,6 +11,8 @@ import torch
 from aepretrain.cli import main
 from aepretrain.config import resolve
 from aepretrain.data import prepare
+from aepretrain.models import build_encoder
+from aepretrain.probe import features
 from aepretrain.pretrain import masked_mse, patch_mask, pretrain
 from aepretrain.study import nested_fractions
 
@@ -72,6 +74,18 @@ def test_label_fractions_are_stratified_and_nested() -> None:
         assert set(subsets[small]) <= set(subsets[large])
     other = nested_fractions(labels, [0.1], seed=4)
     assert not np.array_equal(other[0.1], subsets[0.1])
+
+
+def test_probe_features_of_every_depth_from_one_pass_match_a_pass_per_depth() -> None:
+    torch.manual_seed(0)
+    encoder = build_encoder(resolve("quick").model, 1, for_classifier=False)
+    images = torch.randint(0, 256, (6, 16, 16, 1), dtype=torch.uint8)
+    by_depth = features(encoder, images)
+    x = images.permute(0, 3, 1, 2).float() / 255
+    assert [tuple(f.shape) for f in by_depth] == [(6, 16), (6, 32), (6, 64)]
+    with torch.no_grad():
+        for depth, f in enumerate(by_depth, 1):
+            assert torch.allclose(f, encoder.eval()(x, depth).mean(dim=(2, 3)), atol=1e-6)
 
 
 def test_pretraining_on_an_unlabelled_folder_end_to_end(tmp_path: Path) -> None:
