@@ -27,7 +27,7 @@ import torch
 from aepretrain.checkpoints import load_classifier
 from aepretrain.errors import UserError
 from aepretrain.export import Deployable, export
-from aepretrain.predict import prepare_image
+from aepretrain.prediction import prepare_image
 
 
 def photos(folder: Path, size: int, channels: int) -> torch.Tensor:

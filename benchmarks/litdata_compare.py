@@ -63,12 +63,11 @@ def phase(name: str, folder: Path, out: Path, workers: int) -> None:
 
         decode_cached("folder", "all", files, [0] * len(files), [f.name for f in files], SIZE, 10**9, str(out))
     elif name == "read-ours":
-        from aepretrain.config import resolve
         from aepretrain.data.cache import decode_cached
-        from aepretrain.training import loader
+        from aepretrain.data.loading import loader
 
         data, _ = decode_cached("folder", "all", files, [0] * len(files), [f.name for f in files], SIZE, 10**9, str(out))
-        feed = loader(data, BATCH, True, resolve("quick"), drop_last=True)
+        feed = loader(data, BATCH, True, seed=0, drop_last=True)
         epochs(lambda: (x for x, _ in feed), rates)
     elif name == "build-litdata":
         from litdata import optimize

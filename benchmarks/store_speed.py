@@ -32,7 +32,9 @@ from aepretrain.config import resolve
 from aepretrain.data import prepare
 from aepretrain.data.base import Labelled
 from aepretrain.finetune import new_classifier
-from aepretrain.training import EpochShuffle, augmenter, loader, resolved_precision, set_threads, to_float
+from aepretrain.data.loading import EpochShuffle, loader
+from aepretrain.training import resolved_precision, set_threads
+from aepretrain.transforms import augmenter, to_float
 
 
 class PerImage(Dataset):
@@ -75,8 +77,8 @@ def main() -> None:
     stored = bundle.train
     in_memory = Labelled(np.asarray(stored.images), stored.labels, stored.names)
     feeds = {
-        "store": loader(stored, batch, True, cfg, drop_last=True),
-        "memory": loader(in_memory, batch, True, cfg, drop_last=True),
+        "store": loader(stored, batch, True, cfg.seed, drop_last=True),
+        "memory": loader(in_memory, batch, True, cfg.seed, drop_last=True),
         "memory, per image": DataLoader(PerImage(in_memory), batch_size=batch, drop_last=True,
                                         sampler=EpochShuffle(len(in_memory), cfg.seed)),
     }

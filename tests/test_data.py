@@ -12,7 +12,7 @@ from aepretrain.config import AugmentConfig, resolve
 from aepretrain.data import prepare
 from aepretrain.data.images import decode
 from aepretrain.data.splits import stratified_split
-from aepretrain.training import augmenter
+from aepretrain.transforms import augmenter
 
 from .conftest import make_oxford, photo
 
@@ -191,7 +191,7 @@ def test_the_autoencoders_train_on_the_whole_subset(tmp_path: Path) -> None:
     bundle = prepare(resolve("quick", **{"data.dataset": "synthetic", "data.image_size": 16}).data, 0)
     metrics = json.loads((out / "metrics.json").read_text())["pretrain"]
     assert metrics["images"] == len(bundle.ae) and metrics["val_images"] == len(bundle.ae_val)
-    from aepretrain.training import batches_per_epoch
+    from aepretrain.data.loading import batches_per_epoch
 
     seen = batches_per_epoch(len(bundle.ae), 128, drop_last=True) * min(128, len(bundle.ae))
     assert metrics["stages"][0]["history"][0]["samples"] == seen
@@ -214,7 +214,7 @@ def test_prediction_decodes_a_large_photo_exactly_as_training(tmp_path: Path) ->
     """Training decodes JPEGs at reduced scale (draft) before resizing; predict must do the same."""
     from PIL import Image
 
-    from aepretrain.predict import prepare_image
+    from aepretrain.prediction import prepare_image
 
     root = tmp_path / "photos"
     yy, xx = np.mgrid[0:900, 0:1200]

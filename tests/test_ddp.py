@@ -8,14 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import photo
+from .conftest import photo, tiny
 
 # 4 classes x 40: train 144 images, divisible by 2 processes x batch 8, so a split epoch sees exactly the images a
 # single process does; and a folder of 53 unlabelled photos for pre-training, all trained on: 6 full batches of 8 in
 # one process, 3 in each of two (27 images each, one padded), 48 images an epoch either way.
-TINY = ["--dataset", "synthetic", "--image-size", "16", "--quiet", "--precision", "32", "--device", "cpu",
-        "--set", "pretrain.epochs=2", "--set", "finetune.epochs=2", "--set", "pretrain.batch_size=8",
-        "--set", "finetune.batch_size=8", "--set", "data.synthetic_per_class=40", "--set", "data.val_fraction=0.1"]
+TINY = [*tiny("pretrain.epochs=2", "pretrain.batch_size=8", "finetune.batch_size=8", "data.synthetic_per_class=40"),
+        "--device", "cpu"]
 
 
 def samples_per_epoch(out: Path) -> dict[str, list[float]]:

@@ -13,7 +13,7 @@ from safetensors import safe_open
 import aepretrain
 from aepretrain.checkpoints import load_autoencoder, load_classifier
 from aepretrain.cli import main
-from aepretrain.predict import prepare_image
+from aepretrain.prediction import prepare_image
 
 EXTRA = "the export extra is not installed: pip install 'aepretrain[export]'"
 

@@ -20,11 +20,9 @@ from aepretrain.config import resolve
 from aepretrain.errors import UserError
 from aepretrain.runfolder import LOCK, MARKER, run_folder
 
-from .conftest import make_oxford, numbers, photo
+from .conftest import make_oxford, numbers, photo, tiny
 
-TINY = ["--dataset", "synthetic", "--image-size", "16", "--quiet", "--precision", "32",
-        "--set", "pretrain.epochs=1", "--set", "finetune.epochs=1", "--set", "pretrain.batch_size=16",
-        "--set", "finetune.batch_size=16", "--set", "data.synthetic_per_class=24", "--set", "probe.enabled=false"]
+TINY = tiny("finetune.epochs=1", "probe.enabled=false")
 
 
 def one_line_error(capsys: pytest.CaptureFixture[str], *parts: str) -> str:
@@ -113,8 +111,7 @@ def test_resume_refuses_damaged_settings_before_writing(copy: Path, damage: str,
 
 
 def test_the_api_resume_refuses_other_settings_as_the_cli_does(copy: Path) -> None:
-    cfg = resolve("quick", overrides=[a for a in TINY if "=" in a],
-                  **{"data.dataset": "synthetic", "data.image_size": 16, "trainer.precision": "32", "seed": 7})
+    cfg = resolve("tiny", overrides=[a for a in TINY if "=" in a], seed=7)
     with pytest.raises(UserError, match="ran with seed=0, not 7"):
         aepretrain.run(cfg, copy, resume=True)
 

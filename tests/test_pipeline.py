@@ -8,18 +8,10 @@ from PIL import Image
 
 from aepretrain.checkpoints import load_classifier, load_stage_encoder
 from aepretrain.cli import main
-from aepretrain.config import resolve
-from aepretrain.data import prepare
-from aepretrain.finetune import epochs_to_target
-from aepretrain.models import Autoencoder, build_encoder
-from aepretrain.pretrain import StageModule
-from aepretrain.training import loader, trainer
 
-from .conftest import photo
+from .conftest import photo, tiny
 
-TINY = ["--dataset", "synthetic", "--image-size", "16", "--quiet", "--precision", "32",
-        "--set", "pretrain.epochs=2", "--set", "finetune.epochs=3", "--set", "pretrain.batch_size=16",
-        "--set", "finetune.batch_size=16", "--set", "data.synthetic_per_class=24"]
+TINY = tiny("pretrain.epochs=2", "finetune.epochs=3")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +24,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_run_writes_every_key_file_and_figure(tiny_run: Path) -> None:
     m = json.loads((tiny_run / "metrics.json").read_text())
     assert {"train", "val", "test", "ae", "classes"} <= set(m["dataset"])
-    assert m["precision"] == "32" and m["preset"] == "quick"
+    assert m["precision"] == "32" and m["preset"] == "tiny"
     stages = m["pretrain"]["stages"]
     assert [s["stage"] for s in stages] == [1, 2, 3]
     for s in stages:
@@ -109,32 +101,6 @@ def test_report_rebuilds_from_the_run_folder(tiny_run: Path, capsys: pytest.Capt
     (tiny_run / "report.md").unlink()
     assert main(["report", str(tiny_run)]) == 0
     assert "## 3. Greedy layer-wise pre-training" in (tiny_run / "report.md").read_text()
-
-
-def test_frozen_blocks_do_not_change_during_a_later_stage(tmp_path: Path) -> None:
-    cfg = resolve("quick", **{"data.dataset": "synthetic", "data.image_size": 16, "trainer.progress": False,
-                              "trainer.precision": "32"})
-    bundle = prepare(cfg.data, 0)
-    encoder = build_encoder(cfg.model, 3, for_classifier=False)
-    for block in encoder.blocks:  # non-trivial statistics, so that a change would show
-        for m in block.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.fill_(0.3)
-    before = {k: v.clone() for k, v in encoder.blocks[:2].state_dict().items()}
-    stage3 = Autoencoder(encoder, 3)
-    fit = trainer(cfg, tmp_path, "stage3", 2, [])
-    fit.fit(StageModule(stage3, cfg, tmp_path), loader(bundle.ae, 16, True, cfg))
-    after = encoder.blocks[:2].state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before), "blocks 1-2 changed while frozen"
-    assert not torch.equal(encoder.blocks[2].bn1.running_mean, torch.full_like(encoder.blocks[2].bn1.running_mean, 0.3))
-
-
-def test_epochs_to_target_is_the_first_epoch_reaching_it() -> None:
-    history = [{"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.8}, {"epoch": 3, "val_acc": 0.7},
-               {"epoch": 4, "val_acc": 0.9}]
-    assert epochs_to_target(history, 0.8) == 2
-    assert epochs_to_target(history, 0.85) == 4
-    assert epochs_to_target(history, 0.95) is None
 
 
 def test_seed_preset_smoke_runs_on_the_cpu(tmp_path: Path) -> None:

@@ -14,11 +14,9 @@ import pytest
 
 from aepretrain.cli import main
 
-from .conftest import numbers
+from .conftest import numbers, tiny
 
-TINY = ["--dataset", "synthetic", "--image-size", "32", "--quiet", "--precision", "32",
-        "--set", "pretrain.epochs=4", "--set", "finetune.epochs=3", "--set", "pretrain.batch_size=16",
-        "--set", "finetune.batch_size=16", "--set", "data.synthetic_per_class=64"]
+TINY = [*tiny("pretrain.epochs=4", "finetune.epochs=3", "data.synthetic_per_class=64"), "--image-size", "32"]
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from aepretrain.cli import main
-from aepretrain.predict import prepare_image, predict
+from aepretrain.prediction import prepare_image, predict
 
 from .browser import CHROMIUM, Chromium, served
 from .conftest import PETS_SAMPLE, photo

@@ -2,10 +2,17 @@
 
 The Python API, the same the CLI calls:
 
-    >>> import aepretrain
-    >>> cfg = aepretrain.resolve("quick", overrides=["finetune.epochs=2"])  # doctest: +SKIP
-    >>> metrics = aepretrain.run(cfg, "runs/demo")  # doctest: +SKIP
-    >>> aepretrain.predict(["cat.jpg"], "runs/demo/checkpoints/classifier-pretrained.safetensors")  # doctest: +SKIP
+    >>> import aepretrain, tempfile
+    >>> out = tempfile.mkdtemp()
+    >>> cfg = aepretrain.resolve("tiny", overrides=["finetune.epochs=1"])  # "quick" for the real demo
+    >>> metrics = aepretrain.run(cfg, out)
+    >>> sorted(metrics["finetune"])
+    ['pretrained', 'scratch']
+    >>> from PIL import Image
+    >>> Image.new("RGB", (40, 30), "red").save(f"{out}/red.png")
+    >>> rows = aepretrain.predict([f"{out}/red.png"], f"{out}/checkpoints/classifier-pretrained.safetensors", 2)
+    >>> len(rows[0]["top"])
+    2
 """
 
 from importlib import import_module
@@ -16,8 +23,8 @@ __version__ = "0.1.0"
 # Imported on first use, so that `aepretrain --help` does not wait for torch and Lightning.
 _API = {
     "Config": "config", "resolve": "config", "UserError": "errors", "prepare": "data", "run": "pipeline",
-    "run_pretrain": "pipeline", "run_finetune": "pipeline", "run_evaluate": "pipeline", "predict": "predict",
-    "write_report": "report", "study": "study", "bench": "bench", "load_encoder": "export",
+    "run_pretrain": "pipeline", "run_finetune": "pipeline", "run_evaluate": "pipeline", "predict": "prediction",
+    "write_report": "report", "study": "label_study", "bench": "benchmark", "load_encoder": "export",
 }
 __all__ = [*_API, "__version__"]
 
@@ -26,5 +33,5 @@ def __getattr__(name: str) -> Any:
     if name not in _API:
         raise AttributeError(f"module 'aepretrain' has no attribute '{name}'")
     value = getattr(import_module(f".{_API[name]}", __name__), name)
-    globals()[name] = value  # importing the submodule bound its name here (aepretrain.predict): the function wins
+    globals()[name] = value
     return value

@@ -26,9 +26,8 @@ from torch import nn
 
 from .config import Config, check_image_size, from_dict
 from .errors import UserError
-from .fileio import atomic_write, first_line
+from .fileio import atomic_write, first_line, is_global_zero
 from .models import Autoencoder, Classifier, Encoder, build_encoder
-from .training import is_global_zero
 
 FORMAT = "aepretrain-1"
 

@@ -94,7 +94,14 @@ def pretrain_source(value: str) -> tuple[str, str | None]:
 
 
 def resolve_args(args: argparse.Namespace) -> Any:
-    """The settings: preset, --config, --set, then flags; a resumed run takes the ones it was started with."""
+    """The settings: preset, --config, --set, then flags; a resumed run takes the ones it was started with.
+    Resolved once per process (the allocator's check and the command share them)."""
+    if getattr(args, "settings", None) is None:
+        args.settings = _resolve_args(args)
+    return args.settings
+
+
+def _resolve_args(args: argparse.Namespace) -> Any:
     from .config import resolve
     from .runfolder import saved_settings
 
@@ -206,7 +213,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from .predict import predict
+    from .prediction import predict
 
     rows = predict(args.images, args.checkpoint, args.top_k)
     if args.json:
@@ -238,7 +245,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> None:
-    from .study import study
+    from .label_study import study
 
     record = study(resolve_args(args), args.out, overwrite=args.overwrite)
     from .report import budget_text, interval_text, gain_text
@@ -288,7 +295,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from .bench import bench, table
+    from .benchmark import bench, table
     from .config import check_choice, check_image_size
 
     cfg = resolve_args(args)

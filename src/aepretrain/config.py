@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -192,46 +195,49 @@ def closest(key: str, choices: list[str]) -> str:
     return f" (closest valid: {match[0]})" if match else ""
 
 
-def _coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
-    """Check a YAML value against the field's type and convert what is safe to convert."""
-    text = str(annotation)
-    if value is None:
-        if "None" in text:
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, kind: Any, key: str, where: str) -> Any:
+    """Check a YAML value against the field's type hint and convert what is safe to convert."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(kind) if a is not type(None)]
+        if value is None and len(options) < len(typing.get_args(kind)):
             return None
+        kind = options[0]
+    if value is None:
         raise UserError(f"{where}: {key} cannot be null")
-    if "list[BlockSpec]" in text:
-        if not isinstance(value, list):
-            raise UserError(f"{where}: {key} must be a list of blocks like {{channels: [64], kernel: 7}}")
-        blocks = []
-        for i, item in enumerate(value):
-            if not isinstance(item, dict):
-                raise UserError(f"{where}: {key}[{i}] must be a mapping with channels and kernel")
-            blocks.append(_merge(BlockSpec([1]), item, f"{key}[{i}]", where))
-        return blocks
-    if text.startswith("list"):
+    if typing.get_origin(kind) is list:
+        (item,) = typing.get_args(kind)
+        if item is BlockSpec:
+            if not isinstance(value, list):
+                raise UserError(f"{where}: {key} must be a list of blocks like {{channels: [64], kernel: 7}}")
+            if not all(isinstance(block, dict) for block in value):
+                bad = next(i for i, block in enumerate(value) if not isinstance(block, dict))
+                raise UserError(f"{where}: {key}[{bad}] must be a mapping with channels and kernel")
+            return [_merge(BlockSpec([1]), block, f"{key}[{i}]", where) for i, block in enumerate(value)]
         if not isinstance(value, list):
             raise UserError(f"{where}: {key} must be a list, got {value!r}")
-        return [_coerce(item, text[len("list["):-1], f"{key}[{i}]", where) for i, item in enumerate(value)]
-    for name, kind in (("bool", bool), ("int", int), ("float", float), ("str", str)):
-        if text == name or text.startswith(name + " ") or f"{name} |" in text:
-            if kind is bool and not isinstance(value, bool):
-                raise UserError(f"{where}: {key} must be true or false, got {value!r}")
-            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-                raise UserError(f"{where}: {key} must be a whole number, got {value!r}")
-            if kind is float:
-                if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
-                    try:
-                        return float(value)
-                    except ValueError:
-                        pass
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise UserError(f"{where}: {key} must be a number, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if kind is bool and not isinstance(value, bool):
+        raise UserError(f"{where}: {key} must be true or false, got {value!r}")
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise UserError(f"{where}: {key} must be a whole number, got {value!r}")
+    if kind is float:
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
                 return float(value)
-            if kind is str:
-                if isinstance(value, (dict, list)):
-                    raise UserError(f"{where}: {key} takes one value, not {value!r}")
-                return str(value)
-            return value
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{where}: {key} must be a number, got {value!r}")
+        return float(value)
+    if kind is str:
+        if isinstance(value, (dict, list)):
+            raise UserError(f"{where}: {key} takes one value, not {value!r}")
+        return str(value)
     return value
 
 
@@ -252,7 +258,7 @@ def _merge(target: Any, updates: dict[str, Any], prefix: str, where: str) -> Any
             raise UserError(f"unknown setting '{dotted}.{next(iter(value))}' in {where}: {dotted} is a value, "
                             "not a section")
         else:
-            setattr(target, key, _coerce(value, fields[key].type, dotted, where))
+            setattr(target, key, _coerce(value, _hints(type(target))[key], dotted, where))
     return target
 
 

@@ -1,8 +1,15 @@
 """Testing a classifier: loss, accuracy, per-class accuracy and the confusion matrix on the test split.
 
 Example:
-    >>> scores = evaluate(classifier, bundle.test, bundle.classes)  # doctest: +SKIP
-    >>> scores["test_accuracy"]  # doctest: +SKIP
+    >>> import numpy as np
+    >>> from aepretrain.config import ModelConfig
+    >>> from aepretrain.data.base import Labelled
+    >>> from aepretrain.models import Encoder
+    >>> classifier = Classifier(Encoder(ModelConfig(), 3), 2, 0.0)
+    >>> test = Labelled(np.zeros((4, 32, 32, 3), np.uint8), np.array([0, 1, 0, 1]), list("abcd"))
+    >>> scores = evaluate(classifier, test, ["cat", "dog"])
+    >>> scores["test_accuracy"], sum(map(sum, scores["confusion"]))  # one class for every blank image
+    (0.5, 4)
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from .data.base import Images, Labelled
 from .models import Classifier
+from .transforms import pixels
 
 
 @torch.no_grad()
@@ -29,8 +37,7 @@ def over_batches(model: nn.Module, images: torch.Tensor | Images, fn: Callable[[
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        x = torch.as_tensor(images[start:start + batch_size]).to(device).permute(0, 3, 1, 2).float().div_(255.0)
-        out.append(fn(x).float().cpu())
+        out.append(fn(pixels(torch.as_tensor(images[start:start + batch_size]).to(device))).float().cpu())
     model.train(was_training)
     return torch.cat(out)
 

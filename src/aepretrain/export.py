@@ -19,11 +19,19 @@ Block B runs (convI, bnI, ReLU) for each I, then MaxPool 2; the first convolutio
 metadata under ``spec`` and, for reading, beside it as ``FILE.json``. :func:`load_encoder` rebuilds it.
 
 Example:
-    >>> export("runs/demo/checkpoints/classifier-pretrained.safetensors", "onnx", "model.onnx")  # doctest: +SKIP
-    {'format': 'onnx', 'path': 'model.onnx', 'bytes': 4497800, 'max_abs_diff': 4.8e-07}
-    >>> encoder = load_encoder("encoder.safetensors")  # doctest: +SKIP
-    >>> encoder(images).shape, encoder.features(images).shape  # doctest: +SKIP
-    (torch.Size([2, 128, 8, 8]), torch.Size([2, 128]))
+    >>> import tempfile
+    >>> from aepretrain.config import resolve
+    >>> from aepretrain.pipeline import run_finetune
+    >>> out = tempfile.mkdtemp()
+    >>> arm = run_finetune(resolve("tiny", overrides=["finetune.epochs=1"]), out, "scratch")
+    >>> done = export(f"{out}/checkpoints/classifier-scratch.safetensors", "torchscript", f"{out}/model.pt")
+    >>> done["format"], done["max_abs_diff"] < 1e-4
+    ('torchscript', True)
+    >>> done = export(f"{out}/checkpoints/classifier-scratch.safetensors", "backbone", f"{out}/encoder.safetensors")
+    >>> encoder = load_encoder(f"{out}/encoder.safetensors")
+    >>> images = torch.rand(2, 3, 16, 16)
+    >>> encoder(images).shape, encoder.features(images).shape
+    (torch.Size([2, 64, 2, 2]), torch.Size([2, 64]))
 """
 
 from __future__ import annotations

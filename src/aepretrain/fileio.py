@@ -15,10 +15,11 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 
 def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], None]) -> None:
@@ -57,3 +58,16 @@ def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's message, or its type's name when it has none."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def is_global_zero() -> bool:
+    """True in the one process that writes files (every process when not distributed)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only  # here: importing Lightning is slow
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Written whole or not at all, by the first process only."""
+    if is_global_zero():
+        atomic_write(path, json.dumps(value, indent=2))

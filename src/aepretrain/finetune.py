@@ -5,13 +5,19 @@ splits, seed and budget; the best epoch by validation accuracy is kept. ``epochs
 the epochs until validation accuracy first reaches a stated level, the same way for both arms.
 
 Example:
-    >>> arm = finetune(cfg, bundle, Path("runs/demo"), init="scratch")  # doctest: +SKIP
-    >>> epochs_to_target(arm.history, 0.8)  # doctest: +SKIP
+    >>> import tempfile
+    >>> from aepretrain.config import resolve
+    >>> from aepretrain.data import prepare
+    >>> cfg = resolve("tiny")
+    >>> arm = finetune(cfg, prepare(cfg.data, cfg.seed), Path(tempfile.mkdtemp()), init="scratch")
+    >>> [row["epoch"] for row in arm.record.history]
+    [1, 2]
+    >>> epochs_to_target([{"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.9}], 0.8)
+    2
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,33 +26,37 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, EarlyStopping
+from torch import nn
 
-from .checkpoints import load_weights, read_finished, save_model
+from .callbacks import History, KeepBest
+from .checkpoints import load_weights
 from .config import Config
+from .errors import UserError
 from .data import DataBundle
+from .data.loading import loader
 from .models import Classifier, Encoder, build_encoder
-from .training import (History, augmenter, check_finite, last_checkpoint, loader, log_samples, scheduler, to_float,
-                       trainer, write_json)
+from .seeds import derive_seed
+from .training import Fit, Record, TrainingModule, fit_or_restore
+from .transforms import augmenter, to_float
 
-ARM_RECORD = ("history", "best_val_accuracy", "best_epoch", "seconds", "resumed_from")
+ARM_SUMMARY = ("best_val_accuracy", "best_epoch")
 
 
-class ClassifierModule(L.LightningModule):
-    def __init__(self, classifier: Classifier, cfg: Config, out: Path | None, name: str) -> None:
-        super().__init__()
-        self.classifier, self.cfg, self.out, self.name = classifier, cfg, out, name
-        self.augment = augmenter(cfg.augment)
+class ClassifierModule(TrainingModule):
+    """One arm: cross-entropy with accuracy, the augmentation applied to training batches on their device."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(x)
+    def __init__(self, model: Classifier, name: str, lr: float, adam_eps: float, schedule: str, weight_decay: float,
+                 channels_last: bool, augment: nn.Module) -> None:
+        super().__init__(model, name, lr, adam_eps, schedule, weight_decay, channels_last)
+        self.augment = augment
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         x, y = batch
-        x = to_float(x, False)
+        x = to_float(x)
         if self.trainer.training:
             with torch.autocast(x.device.type, enabled=False):
                 x = self.augment(x)
-        if self.cfg.trainer.channels_last:
+        if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
 
@@ -62,51 +72,24 @@ class ClassifierModule(L.LightningModule):
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = self._step(batch, "train")
-        check_finite(loss, self, self.name, self.out, batch_idx)
-        log_samples(self, len(batch[1]))
-        return loss
+        return self._step(batch, "train")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._step(batch, "val")
 
-    def configure_optimizers(self) -> Any:
-        f = self.cfg.finetune
-        optimizer = torch.optim.Adam(self.classifier.parameters(), lr=f.lr, eps=f.adam_eps, weight_decay=f.weight_decay)
-        sched = scheduler(optimizer, f.schedule, f.lr, self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": sched} if sched else optimizer
 
-
-class KeepBest(Callback):
-    """Keeps the weights of the epoch with the best validation accuracy (first one on ties)."""
-
-    def __init__(self) -> None:
-        self.best_accuracy, self.best_epoch, self.state = -1.0, 0, None
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        accuracy = trainer.callback_metrics.get("val_acc")
-        if trainer.sanity_checking or accuracy is None:
-            return
-        if float(accuracy) > self.best_accuracy:
-            self.best_accuracy, self.best_epoch = float(accuracy), trainer.current_epoch + 1
-            self.state = copy.deepcopy({k: v.detach().cpu() for k, v in module.classifier.state_dict().items()})
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best_accuracy": self.best_accuracy, "best_epoch": self.best_epoch, "state": self.state}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best_accuracy, self.best_epoch, self.state = state["best_accuracy"], state["best_epoch"], state["state"]
+def classifier_module(classifier: Classifier, cfg: Config, name: str) -> ClassifierModule:
+    """The arm's module with the run's fine-tuning and augmentation settings."""
+    f = cfg.finetune
+    return ClassifierModule(classifier, name, f.lr, f.adam_eps, f.schedule, f.weight_decay, cfg.trainer.channels_last,
+                            augmenter(cfg.augment))
 
 
 @dataclass
 class ArmResult:
     init: str
     classifier: Classifier
-    history: list[dict[str, float]]
-    best_val_accuracy: float
-    best_epoch: int
-    seconds: float
-    resumed_from: int | None = None  # the epoch a resumed fit continued after
+    record: Record
 
 
 def epochs_to_target(history: list[dict[str, float]], target: float) -> int | None:
@@ -123,7 +106,7 @@ def classifier_path(out: Path, init: str) -> Path:
 
 def new_classifier(cfg: Config, bundle: DataBundle, encoder: Encoder | None) -> Classifier:
     """A classifier; with ``encoder``, its convolutional weights are copied from it (the pre-trained arm)."""
-    L.seed_everything(cfg.seed, verbose=False)  # the head starts the same in both arms
+    L.seed_everything(derive_seed(cfg.seed, "model-init"), verbose=False)  # the head starts the same in both arms
     classifier = Classifier(build_encoder(cfg.model, bundle.channels, True), len(bundle.classes), cfg.model.dropout)
     if encoder is not None:
         load_weights(classifier.encoder, encoder.state_dict(), "the pre-trained encoder")
@@ -135,32 +118,24 @@ def finetune(cfg: Config, bundle: DataBundle, out: Path, init: str, encoder: Enc
              resume: bool = False) -> ArmResult:
     """Train one arm; ``init`` is ``pretrained`` (``encoder`` required) or ``scratch``."""
     if init == "pretrained" and encoder is None:
-        raise ValueError("the pretrained arm needs the pre-trained encoder")
+        raise UserError("the pretrained arm needs the pre-trained encoder")
     classifier = new_classifier(cfg, bundle, encoder if init == "pretrained" else None)
-    path = classifier_path(out, init)
-    record = read_finished(classifier, path.with_suffix(".json"), path, "classifier", ARM_RECORD) if resume else None
-    if record is not None:  # finished before the interruption
-        return ArmResult(init, classifier, record["history"], record["best_val_accuracy"], record["best_epoch"],
-                         record["seconds"], record["resumed_from"])
     if cfg.trainer.channels_last:
         classifier.to(memory_format=torch.channels_last)
-    f = cfg.finetune
-    module = ClassifierModule(classifier, cfg, out, init)
-    history, best = History(cfg.seed), KeepBest()
-    callbacks: list[Callback] = [best, history]
+    f, seed, workers = cfg.finetune, cfg.seed, cfg.trainer.num_workers
+    best = KeepBest()
+    callbacks: list[Callback] = [best]
     if f.early_stopping_patience is not None:
         callbacks.append(EarlyStopping("val_acc", mode="max", patience=f.early_stopping_patience))
-    fit = trainer(cfg, out, init, f.epochs, callbacks)
-    fit.fit(module, loader(bundle.train, f.batch_size, True, cfg, drop_last=True),
-            loader(bundle.val, f.batch_size, False, cfg), ckpt_path=last_checkpoint(out, init, resume),
-            weights_only=True)
-    if best.state is not None:
-        classifier.load_state_dict(best.state)
-    save_model(classifier, path, "classifier", cfg, bundle.channels,
-               {"classes": bundle.classes, "arm": init, "best_epoch": best.best_epoch})
-    result = ArmResult(init, classifier, history.epochs, best.best_accuracy, best.best_epoch, history.seconds(),
-                       history.resumed_from)
-    write_json(path.with_suffix(".json"), {"history": result.history, "best_val_accuracy": result.best_val_accuracy,
-                                           "best_epoch": result.best_epoch, "seconds": result.seconds,
-                                           "resumed_from": result.resumed_from})
-    return result
+    data = (loader(bundle.train, f.batch_size, True, seed, workers, drop_last=True),
+            loader(bundle.val, f.batch_size, False, seed, workers))
+
+    def finish(history: History) -> tuple[dict[str, Any], dict[str, Any]]:
+        if best.state is not None:
+            classifier.load_state_dict(best.state)
+        return ({"best_val_accuracy": best.best_accuracy, "best_epoch": best.best_epoch},
+                {"classes": bundle.classes, "arm": init, "best_epoch": best.best_epoch})
+
+    fit = Fit(classifier_path(out, init), "classifier", data, f.epochs, ARM_SUMMARY, callbacks)
+    record = fit_or_restore(classifier_module(classifier, cfg, init), fit, cfg, out, bundle.channels, resume, finish)
+    return ArmResult(init, classifier, record)

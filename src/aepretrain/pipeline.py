@@ -4,9 +4,11 @@ Every step writes what it finished into the run folder at once (``metrics.json``
 step), so nothing finished is lost if a later step fails.
 
 Example:
+    >>> import tempfile
     >>> from aepretrain.config import resolve
-    >>> metrics = run(resolve("quick"), "runs/quick")  # doctest: +SKIP
-    >>> metrics["finetune"]["pretrained"]["test_accuracy"]  # doctest: +SKIP
+    >>> metrics = run(resolve("tiny", overrides=["finetune.epochs=1"]), tempfile.mkdtemp())
+    >>> 0 <= metrics["finetune"]["pretrained"]["test_accuracy"] <= 1
+    True
 """
 
 from __future__ import annotations
@@ -25,30 +27,25 @@ import torch
 from . import figures
 from .config import Config, differences
 from .data import DataBundle, labels_required, prepare, pretrain_images
-from .data.splits import stratified_subset
 from .errors import UserError
 from .checkpoints import load_classifier, load_stage_encoder
 from .evaluate import evaluate
 from .finetune import ArmResult, classifier_path, epochs_to_target, finetune
-from .models import Encoder, build_encoder
-from .predict import top_k
-from .probe import probe_encoder
+from .models import Encoder
+from .prediction import top_k
+from .probe import probes
 from .pretrain import PretrainResult, pretrain, reconstruct, stage_path
 from .runfolder import run_folder, save_settings, saved_settings
-from .training import is_global_zero, resolved_precision, set_threads, write_json
+from .fileio import is_global_zero, write_json
+from .training import resolved_precision, set_threads
+from .transforms import pixels
 
 
 def describe(bundle: DataBundle, grid: Path | None) -> dict[str, Any]:
-    """What `aepretrain data` prints: counts per split and class, image size, what was skipped and why."""
+    """What `aepretrain data` prints (``bundle.describe``), with a grid of sample images drawn at ``grid``."""
     if grid is not None:
         figures.sample_grid(bundle.train.images, bundle.train.labels, bundle.classes, grid)
-    return {
-        "dataset": bundle.dataset, "root": bundle.root, "classes": bundle.classes, "class_ids": bundle.class_ids,
-        "counts": bundle.counts(), "per_class": bundle.per_class(),
-        "image_size": [bundle.image_size, bundle.image_size, bundle.channels],
-        "skipped": bundle.skipped, "missing": bundle.missing, "notes": bundle.notes,
-        "sample_grid": str(grid) if grid else None,
-    }
+    return bundle.describe(grid)
 
 
 def _nhwc(x: torch.Tensor) -> np.ndarray:
@@ -114,12 +111,12 @@ def _pretrain(cfg: Config, bundle: DataBundle, out: Path, metrics: dict[str, Any
     pre = pretrain(cfg, bundle, out, resume, (images, val))
     metrics["pretrain"] = {"objective": cfg.pretrain.objective, "data": described, "images": len(images),
                            "val_images": len(val),
-                           "stages": pre.stages, "test_mse": pre.test_mse}
+                           "stages": [stage.as_json() for stage in pre.stages], "test_mse": pre.test_mse}
     if cfg.probe.enabled:
-        metrics["probes"] = probes(cfg, bundle, pre.encoder)
+        metrics["probes"] = probes(bundle, pre.encoder, cfg.probe.train_limit, cfg.seed)
     write_json(out / "metrics.json", metrics)
     shown = bundle.test.take(np.arange(min(6, len(bundle.test))))
-    originals = torch.from_numpy(np.asarray(shown.images)).permute(0, 3, 1, 2).float() / 255
+    originals = pixels(np.asarray(shown.images))
     recon = reconstruct(pre.autoencoders, originals)
     if is_global_zero():
         figures.reconstructions(_nhwc(originals), [_nhwc(r) for r in recon], out / "figures" / "reconstructions.png")
@@ -130,25 +127,15 @@ def _finetune(cfg: Config, bundle: DataBundle, out: Path, metrics: dict[str, Any
               encoder: Encoder | None, resume: bool) -> ArmResult:
     arm = finetune(cfg, bundle, out, init, encoder, resume)
     scores = evaluate(arm.classifier, bundle.test, bundle.classes)
+    record = arm.record
     metrics.setdefault("finetune", {})[init] = {
-        "test_loss": scores["test_loss"], "test_accuracy": scores["test_accuracy"],
-        "best_val_accuracy": arm.best_val_accuracy, "best_epoch": arm.best_epoch, "epochs": len(arm.history),
-        "epochs_to_target": None, "seconds": arm.seconds, "per_class_accuracy": scores["per_class_accuracy"],
-        "confusion": scores["confusion"], "history": arm.history, "checkpoint": str(classifier_path(out, init)),
-        "resumed_from": arm.resumed_from,
+        "test_loss": scores["test_loss"], "test_accuracy": scores["test_accuracy"], **record.summary,
+        "epochs": len(record.history), "epochs_to_target": None, "seconds": record.seconds,
+        "per_class_accuracy": scores["per_class_accuracy"], "confusion": scores["confusion"],
+        "history": record.history, "checkpoint": str(classifier_path(out, init)), "resumed_from": record.resumed_from,
     }
     write_json(out / "metrics.json", metrics)
     return arm
-
-
-def probes(cfg: Config, bundle: DataBundle, encoder: Encoder) -> list[dict[str, Any]]:
-    """Linear and kNN probes at every depth, for the pre-trained encoder and a random one of the same shape."""
-    if cfg.probe.train_limit is not None and cfg.probe.train_limit < len(bundle.train):
-        index = stratified_subset(bundle.train.labels, cfg.probe.train_limit, cfg.seed)
-        bundle = dataclasses.replace(bundle, train=bundle.train.take(index))
-    torch.manual_seed(cfg.seed + 99)
-    random_encoder = build_encoder(cfg.model, bundle.channels, for_classifier=False)
-    return probe_encoder(encoder, bundle, "pretrained") + probe_encoder(random_encoder, bundle, "random")
 
 
 def run_pretrain(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
@@ -210,12 +197,12 @@ def _run(cfg: Config, out: Path, bundle: DataBundle, metrics: dict[str, Any], re
     f = cfg.finetune
     reference_arm = "scratch" if "scratch" in arms else next(iter(arms))
     target = f.target_accuracy if f.target_accuracy is not None else \
-        f.target_fraction * arms[reference_arm].best_val_accuracy
+        f.target_fraction * arms[reference_arm].record.summary["best_val_accuracy"]
     metrics["target_accuracy"] = target
     metrics["target_rule"] = ("set by finetune.target_accuracy" if f.target_accuracy is not None else
                               f"{f.target_fraction:g} x the {reference_arm} arm's best validation accuracy")
     for init, arm in arms.items():
-        metrics["finetune"][init]["epochs_to_target"] = epochs_to_target(arm.history, target)
+        metrics["finetune"][init]["epochs_to_target"] = epochs_to_target(arm.record.history, target)
 
     shown = bundle.test.take(np.arange(min(cfg.predict.images, len(bundle.test))))
     arm = arms.get("pretrained") or next(iter(arms.values()))

@@ -5,12 +5,20 @@ frozen. A greedy encoder's blocks 1..k never change after stage k, so probing th
 depth k is probing stage k. A randomly initialised encoder of the same shape is the baseline.
 
 Example:
-    >>> rows = probe_encoder(encoder, bundle, seed=0)  # doctest: +SKIP
-    >>> rows[0]["linear_test"], rows[0]["knn_test"]  # doctest: +SKIP
+    >>> from aepretrain.config import resolve
+    >>> from aepretrain.data import prepare
+    >>> from aepretrain.models import build_encoder
+    >>> cfg = resolve("tiny")
+    >>> rows = probes(prepare(cfg.data, cfg.seed), build_encoder(cfg.model, 3, False), train_limit=None, seed=0)
+    >>> [(r["encoder"], r["depth"], r["features"]) for r in rows][:3]
+    [('pretrained', 1, 16), ('pretrained', 2, 32), ('pretrained', 3, 64)]
+    >>> all(0 <= r["linear_test"] <= 1 and 0 <= r["knn_test"] <= 1 for r in rows)
+    True
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -19,7 +27,9 @@ import torch.nn.functional as F
 from .data import DataBundle
 from .data.base import Images
 from .evaluate import over_batches
+from .data.splits import stratified_subset
 from .models import Encoder
+from .seeds import derive_seed
 
 KNN_K = 10
 
@@ -87,3 +97,14 @@ def probe_encoder(encoder: Encoder, bundle: DataBundle, label: str) -> list[dict
         row["knn_test"] = float((knn_predict(train_x, train_y, test_x, classes) == test_y).float().mean())
         rows.append(row)
     return rows
+
+
+def probes(bundle: DataBundle, encoder: Encoder, train_limit: int | None, seed: int) -> list[dict[str, Any]]:
+    """Linear and kNN probes at every depth, for ``encoder`` and a random one of the same shape, trained on at most
+    ``train_limit`` labelled train images (stratified)."""
+    if train_limit is not None and train_limit < len(bundle.train):
+        index = stratified_subset(bundle.train.labels, train_limit, derive_seed(seed, "probe-subset"))
+        bundle = dataclasses.replace(bundle, train=bundle.train.take(index))
+    torch.manual_seed(derive_seed(seed, "random-encoder"))
+    random_encoder = Encoder(encoder.spec, encoder.in_channels, encoder.stride)
+    return probe_encoder(encoder, bundle, "pretrained") + probe_encoder(random_encoder, bundle, "random")

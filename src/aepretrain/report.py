@@ -89,42 +89,53 @@ def finished_metrics(out: Path) -> dict[str, Any]:
 
 
 def blocks(out: Path) -> list[Block]:
+    """The report, section by section, from the files of a finished run folder."""
     cfg = _load(out, "config.yaml")
     data, m = _load(out, "data.json"), finished_metrics(out)
     fig = out / "figures"
-    d = m["dataset"]
-    f, p = cfg.finetune, cfg.pretrain
-    b: list[Block] = [("h1", f"aepretrain report: preset {m['preset']}")]
-    b.append(("p", f"Data set **{d['name']}** ({len(d['classes'])} classes, {d['image_size']}x{d['image_size']}x"
-                   f"{d['channels']}), seed {m['seed']}, precision **{m['precision']}**"
-                   f"{', SMOKE RUN (a few batches: numbers mean nothing)' if m['smoke'] else ''}. "
-                   f"Pre-training: Adam lr {p.lr:g}, {p.epochs} epochs per stage, batch {p.batch_size}, schedule "
-                   f"{p.schedule}. Fine-tuning: Adam lr {f.lr:g}, up to {f.epochs} epochs, batch {f.batch_size}, "
-                   f"schedule {f.schedule}, early stopping patience {f.early_stopping_patience}. Augmentation: "
-                   f"rotation ±{cfg.augment.rotation:g}°, zoom {cfg.augment.zoom:.0%}, brightness "
-                   f"{cfg.augment.brightness}, horizontal flip {cfg.augment.hflip}. First-convolution stride: "
-                   f"classifier {cfg.model.classifier_stride}, autoencoders {cfg.model.autoencoder_stride}."))
+    return [*_settings(cfg, m), *_data(m, data, fig), *_models(cfg, m), *_pretraining(m, fig), *_probes(m, fig),
+            *_finetuning(m, fig), *_prediction(m, fig)]
 
-    b.append(("h2", "1. Data"))
-    b.append(_table(["split", "images"], [[k, d[k]] for k in ("train", "val", "test", "ae")]))
+
+def _settings(cfg: Any, m: dict[str, Any]) -> list[Block]:
+    d, f, p = m["dataset"], cfg.finetune, cfg.pretrain
+    return [("h1", f"aepretrain report: preset {m['preset']}"),
+            ("p", f"Data set **{d['name']}** ({len(d['classes'])} classes, {d['image_size']}x{d['image_size']}x"
+                  f"{d['channels']}), seed {m['seed']}, precision **{m['precision']}**"
+                  f"{', SMOKE RUN (a few batches: numbers mean nothing)' if m['smoke'] else ''}. "
+                  f"Pre-training: Adam lr {p.lr:g}, {p.epochs} epochs per stage, batch {p.batch_size}, schedule "
+                  f"{p.schedule}. Fine-tuning: Adam lr {f.lr:g}, up to {f.epochs} epochs, batch {f.batch_size}, "
+                  f"schedule {f.schedule}, early stopping patience {f.early_stopping_patience}. Augmentation: "
+                  f"rotation ±{cfg.augment.rotation:g}°, zoom {cfg.augment.zoom:.0%}, brightness "
+                  f"{cfg.augment.brightness}, horizontal flip {cfg.augment.hflip}. First-convolution stride: "
+                  f"classifier {cfg.model.classifier_stride}, autoencoders {cfg.model.autoencoder_stride}.")]
+
+
+def _data(m: dict[str, Any], data: dict[str, Any], fig: Path) -> list[Block]:
+    d = m["dataset"]
+    b: list[Block] = [("h2", "1. Data"), _table(["split", "images"], [[k, d[k]] for k in ("train", "val", "test", "ae")])]
     notes = data.get("notes", []) + [f"{len(data['skipped'])} file(s) skipped, {len(data['missing'])} listed "
                                      "file(s) missing"]
     b.append(("p", "; ".join(notes) + "."))
     if data["skipped"]:
         b.append(_table(["skipped file", "reason"], [[s["path"], s["reason"]] for s in data["skipped"][:50]]))
     b.append(("img", (fig / "samples.png", "Sample images, one row per class")))
+    return b
 
-    b.append(("h2", "2. Models"))
-    ours = summary(cfg.model, d["image_size"], d["channels"], len(d["classes"]))
-    clf = ours["classifier"]
+
+def _models(cfg: Any, m: dict[str, Any]) -> list[Block]:
+    d = m["dataset"]
+    clf = summary(cfg.model, d["image_size"], d["channels"], len(d["classes"]))["classifier"]
     ref_layers = REFERENCE["classifier_layers"]
     rows = [[layer["name"], layer["type"], str(tuple(layer["output_shape"] or ())), layer["params"],
              ref_layers[i] if len(clf["layers"]) == len(ref_layers) else None] for i, layer in enumerate(clf["layers"])]
     rows.append(["total", "", "", clf["total"], REFERENCE["classifier_total"]])
-    b.append(("p", "The classifier (the reference counts BatchNorm as 4 x C, its moving statistics non-trainable):"))
-    b.append(_table(["layer", "type", "output (H, W, C)", "params (ours)", "params (reference)"], rows))
+    return [("h2", "2. Models"),
+            ("p", "The classifier (the reference counts BatchNorm as 4 x C, its moving statistics non-trainable):"),
+            _table(["layer", "type", "output (H, W, C)", "params (ours)", "params (reference)"], rows)]
 
-    b.append(("h2", "3. Greedy layer-wise pre-training"))
+
+def _pretraining(m: dict[str, Any], fig: Path) -> list[Block]:
     rows = []
     for stage in m["pretrain"]["stages"]:
         ref = REFERENCE["stages"][stage["stage"] - 1] if stage["stage"] <= 3 else None
@@ -134,54 +145,60 @@ def blocks(out: Path) -> list[Block]:
                      ref["seconds"] if ref else None, stage["train_loss"], ref["train_loss"] if ref else None,
                      stage["val_loss"], _seen(stage["history"])])
     pre = m["pretrain"]
-    b.append(("p", f"Objective **{pre.get('objective', 'greedy')}**; pre-training data: {pre.get('data', 'n/a')} "
-                   f"({_fmt(pre.get('images'))} images)."))
-    b.append(_table(["stage", "params total / trainable / non-trainable", "reference", "epochs", "seconds",
-                     "reference s (30 epochs)", "train MSE", "reference train MSE", "val MSE",
-                     "images trained on per epoch"], rows))
-    b.append(_table(["", "ours", "reference"], [["test reconstruction MSE (last stage)", m["pretrain"]["test_mse"],
-                                                 REFERENCE["test_mse"]]]))
-    b.append(("img", (fig / "reconstructions.png", "Test images and their reconstructions by each stage")))
-    b.append(("img", (fig / "pretrain-curves.png", "Autoencoder losses per epoch")))
-    if m.get("probes"):
-        b.append(("h2", "3b. Probes: the frozen features at each depth, before fine-tuning"))
-        b.append(("p", f"A linear classifier (logistic regression, L-BFGS) and a {KNN_K}-nearest-neighbour vote "
-                       "(cosine) on the global-average-pooled output of block k, fitted on the labelled train split; "
-                       "the random encoder has the same shape and no training."))
-        b.append(_table(["encoder", "depth", "features", "linear val", "linear test", "kNN val", "kNN test"],
-                        [[r["encoder"], r["depth"], r["features"], r["linear_val"], r["linear_test"], r["knn_val"],
-                          r["knn_test"]] for r in m["probes"]]))
-        b.append(("img", (fig / "probes.png", "Probe test accuracy by depth, pre-trained against random")))
+    return [("h2", "3. Greedy layer-wise pre-training"),
+            ("p", f"Objective **{pre.get('objective', 'greedy')}**; pre-training data: {pre.get('data', 'n/a')} "
+                  f"({_fmt(pre.get('images'))} images)."),
+            _table(["stage", "params total / trainable / non-trainable", "reference", "epochs", "seconds",
+                    "reference s (30 epochs)", "train MSE", "reference train MSE", "val MSE",
+                    "images trained on per epoch"], rows),
+            _table(["", "ours", "reference"], [["test reconstruction MSE (last stage)", pre["test_mse"],
+                                                REFERENCE["test_mse"]]]),
+            ("img", (fig / "reconstructions.png", "Test images and their reconstructions by each stage")),
+            ("img", (fig / "pretrain-curves.png", "Autoencoder losses per epoch"))]
 
-    b.append(("h2", "4. Fine-tuning: pre-trained against from scratch"))
-    target = m.get("target_accuracy")
-    b.append(("p", f"Target validation accuracy for epochs_to_target: {_fmt(target)} ({m.get('target_rule')}); "
-                   "both arms are measured the same way: the first epoch whose validation accuracy reaches it. "
-                   "The reference's 66 and 34 are its epochs trained."))
+
+def _probes(m: dict[str, Any], fig: Path) -> list[Block]:
+    if not m.get("probes"):
+        return []
+    return [("h2", "3b. Probes: the frozen features at each depth, before fine-tuning"),
+            ("p", f"A linear classifier (logistic regression, L-BFGS) and a {KNN_K}-nearest-neighbour vote "
+                  "(cosine) on the global-average-pooled output of block k, fitted on the labelled train split; "
+                  "the random encoder has the same shape and no training."),
+            _table(["encoder", "depth", "features", "linear val", "linear test", "kNN val", "kNN test"],
+                   [[r["encoder"], r["depth"], r["features"], r["linear_val"], r["linear_test"], r["knn_val"],
+                     r["knn_test"]] for r in m["probes"]]),
+            ("img", (fig / "probes.png", "Probe test accuracy by depth, pre-trained against random"))]
+
+
+def _finetuning(m: dict[str, Any], fig: Path) -> list[Block]:
     rows = []
     for arm, r in m["finetune"].items():
         ref = REFERENCE.get(arm, {})
         rows.append([arm, r["test_loss"], ref.get("test_loss"), r["test_accuracy"], ref.get("test_accuracy"),
                      r["best_val_accuracy"], r["best_epoch"], r["epochs"], r["epochs_to_target"], ref.get("epochs"),
                      r["seconds"], _seen(r["history"])])
-    b.append(_table(["arm", "test loss", "reference", "test accuracy", "reference", "best val acc", "best epoch",
-                     "epochs run", "epochs to target", "reference epochs", "seconds", "images trained on per epoch"],
-                    rows))
-    b.append(("img", (fig / "finetune-curves.png", "Accuracy and loss per epoch, both arms")))
     arms = list(m["finetune"])
-    b.append(_table(["class", *[f"{a} accuracy" for a in arms]],
-                    [[c, *[m["finetune"][a]["per_class_accuracy"][c] for a in arms]] for c in d["classes"]]))
-    for arm in arms:
-        b.append(("img", (fig / f"confusion-{arm}.png", f"Confusion matrix on the test split, {arm} arm")))
+    return [("h2", "4. Fine-tuning: pre-trained against from scratch"),
+            ("p", f"Target validation accuracy for epochs_to_target: {_fmt(m.get('target_accuracy'))} "
+                  f"({m.get('target_rule')}); both arms are measured the same way: the first epoch whose validation "
+                  "accuracy reaches it. The reference's 66 and 34 are its epochs trained."),
+            _table(["arm", "test loss", "reference", "test accuracy", "reference", "best val acc", "best epoch",
+                    "epochs run", "epochs to target", "reference epochs", "seconds", "images trained on per epoch"],
+                   rows),
+            ("img", (fig / "finetune-curves.png", "Accuracy and loss per epoch, both arms")),
+            _table(["class", *[f"{a} accuracy" for a in arms]],
+                   [[c, *[m["finetune"][a]["per_class_accuracy"][c] for a in arms]] for c in m["dataset"]["classes"]]),
+            *[("img", (fig / f"confusion-{arm}.png", f"Confusion matrix on the test split, {arm} arm")) for arm in arms]]
 
-    b.append(("h2", "5. Prediction"))
+
+def _prediction(m: dict[str, Any], fig: Path) -> list[Block]:
+    predictions = m.get("predictions", [])
     rows = [[Path(r["image"]).name, r["true"], *[f"{t['class']} {t['probability']:.6g}" for t in r["top"]]]
-            for r in m.get("predictions", [])]
-    k = max((len(r["top"]) for r in m.get("predictions", [])), default=3)
+            for r in predictions]
+    k = max((len(r["top"]) for r in predictions), default=3)
     rows.append(["reference: a Bombay cat", "Bombay", *[f"{c} {p:.6g}" for c, p in REFERENCE["prediction"]][:k]])
-    b.append(_table(["image", "true", *[f"top {i + 1}" for i in range(k)]], rows))
-    b.append(("img", (fig / "predictions.png", "Test images with their top classes")))
-    return b
+    return [("h2", "5. Prediction"), _table(["image", "true", *[f"top {i + 1}" for i in range(k)]], rows),
+            ("img", (fig / "predictions.png", "Test images with their top classes"))]
 
 
 def gain_text(value: float | None) -> str:

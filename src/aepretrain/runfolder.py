@@ -121,7 +121,7 @@ def run_folder(out: str | Path, kind: str = "run", resume: bool = False, overwri
     A new or empty folder becomes one (a marker is written); one that holds a run of this kind is used only
     with ``resume`` or, replaced, with ``overwrite``. Under DDP only the first process opens the folder.
     """
-    from .training import is_global_zero  # here: importing Lightning is slow and only training needs it
+    from .fileio import is_global_zero
 
     out = Path(out)
     if not is_global_zero():

@@ -37,7 +37,8 @@ from .checkpoints import load_autoencoder, load_classifier
 from .data.images import DEFAULT_MAX_PIXELS
 from .errors import UserError
 from .fileio import first_line
-from .predict import prepare_image, top_k
+from .prediction import prepare_image, top_k
+from .transforms import pixels
 from .pretrain import reconstruct, stage_path
 
 
@@ -68,15 +69,15 @@ class Analyst:
                 "channels": self.channels, "stages": [stage for stage, _ in self.stages], "top_k": self.top_k}
 
     def __call__(self, path: Path, views: bool) -> dict[str, Any]:
-        pixels = prepare_image(path, self.size, self.channels, self.max_pixels)
-        batch = np.stack([pixels])  # a writable copy, as torch.from_numpy wants
+        image = prepare_image(path, self.size, self.channels, self.max_pixels)
+        batch = np.stack([image])  # a writable copy, as torch.from_numpy wants
         answer: dict[str, Any] = {"top": top_k(self.classifier, self.meta["classes"], batch, self.top_k)[0],
                                   "image_size": self.size}
         if views:
-            x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(255.0)
+            x = pixels(batch)
             with torch.no_grad():
                 outputs = reconstruct([autoencoder for _, autoencoder in self.stages], x)
-            answer["input"] = png_data_url(pixels)
+            answer["input"] = png_data_url(image)
             answer["reconstructions"] = [
                 {"stage": stage, "image": png_data_url((out[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))}
                 for (stage, _), out in zip(self.stages, outputs)]
@@ -124,13 +125,29 @@ class LimitedBody:
                 pass
 
 
+async def _analyse_upload(upload: Any, analyst: Analyst, views: bool) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, JSON answer) for the form's file: the analysis, or what is wrong with the upload."""
+    from starlette.concurrency import run_in_threadpool
+    from starlette.datastructures import UploadFile
+
+    if not isinstance(upload, UploadFile):
+        return 400, {"error": "no image in the form field 'file' (send multipart/form-data)"}
+    with tempfile.TemporaryDirectory(prefix="aepretrain-upload-") as folder:
+        path = Path(folder) / "upload"
+        with open(path, "wb") as f:
+            while chunk := await upload.read(1 << 20):
+                f.write(chunk)
+        try:
+            return 200, await run_in_threadpool(analyst, path, views)
+        except UserError as exc:  # not an image, damaged, too many pixels: the user's file, by its name
+            return 422, {"error": str(exc).replace(str(path), upload.filename or "the upload")}
+
+
 def build_app(checkpoint: str | Path, top_k: int = 5, max_upload_mb: float = 20.0,
               max_pixels: int = DEFAULT_MAX_PIXELS) -> Any:
     """The Starlette application: the page at ``/`` and the JSON endpoint at ``/predict``."""
     _require_serve()
     from starlette.applications import Starlette
-    from starlette.concurrency import run_in_threadpool
-    from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
     from starlette.responses import HTMLResponse, JSONResponse
@@ -158,19 +175,8 @@ def build_app(checkpoint: str | Path, top_k: int = 5, max_upload_mb: float = 20.
         views = request.query_params.get("views", "") in ("1", "true")
         try:
             async with Request(request.scope, body).form(max_files=1, max_fields=8) as form:
-                upload = form.get("file")
-                if not isinstance(upload, UploadFile):
-                    return error(400, "no image in the form field 'file' (send multipart/form-data)")
-                name = upload.filename or "the upload"
-                with tempfile.TemporaryDirectory(prefix="aepretrain-upload-") as folder:
-                    path = Path(folder) / "upload"
-                    with open(path, "wb") as f:
-                        while chunk := await upload.read(1 << 20):
-                            f.write(chunk)
-                    try:
-                        return JSONResponse(await run_in_threadpool(analyst, path, views))
-                    except UserError as exc:  # not an image, damaged, too many pixels: the user's file, by its name
-                        return error(422, str(exc).replace(str(path), name))
+                status, answer = await _analyse_upload(form.get("file"), analyst, views)
+                return JSONResponse(answer) if status == 200 else error(status, answer["error"])
         except UploadTooLarge:
             await body.drop_rest(10 * limit)
             return error(413, too_large)

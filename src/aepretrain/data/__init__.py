@@ -2,9 +2,9 @@
 
 Example:
     >>> from aepretrain.config import resolve
-    >>> bundle = prepare(resolve("quick", **{"data.dataset": "synthetic"}).data, seed=0)
+    >>> bundle = prepare(resolve("tiny").data, seed=0)
     >>> sorted(bundle.counts())
-    ['ae', 'test', 'train', 'val']
+    ['ae', 'ae_val', 'test', 'train', 'val']
 """
 
 from __future__ import annotations
@@ -57,16 +57,16 @@ def prepare(cfg: DataConfig, seed: int, progress: bool = True) -> DataBundle:
     pool, test = source.train, source.test
     notes = []
     if test is None:
-        keep, take = stratified_split(pool.labels, cfg.test_fraction, seed)
+        keep, take = stratified_split(pool.labels, cfg.test_fraction, derive_seed(seed, "test-carve"))
         pool, test = pool.take(keep), pool.take(take)
         notes.append(f"no official test split: {len(test)} images ({cfg.test_fraction:.0%}) carved from the data")
     if cfg.train_limit is not None and cfg.train_limit < len(pool):
-        pool = pool.take(stratified_subset(pool.labels, cfg.train_limit, seed))
+        pool = pool.take(stratified_subset(pool.labels, cfg.train_limit, derive_seed(seed, "train-limit")))
         notes.append(f"train + val capped at {cfg.train_limit} images (stratified)")
     if cfg.test_limit is not None and cfg.test_limit < len(test):
-        test = test.take(stratified_subset(test.labels, cfg.test_limit, seed))
+        test = test.take(stratified_subset(test.labels, cfg.test_limit, derive_seed(seed, "test-limit")))
         notes.append(f"test capped at {cfg.test_limit} images (stratified)")
-    keep, take = stratified_split(pool.labels, cfg.val_fraction, seed + 1)
+    keep, take = stratified_split(pool.labels, cfg.val_fraction, derive_seed(seed, "val-split"))
     train, val = pool.take(keep), pool.take(take)
     ae_index, ae_val_index = autoencoder_split(pool.labels, cfg.ae_fraction, cfg.val_fraction, seed)
     return DataBundle(dataset=cfg.dataset, root=cfg.root, classes=source.classes, channels=source.channels,

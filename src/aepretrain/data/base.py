@@ -195,6 +195,16 @@ class DataBundle:
     missing: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    def describe(self, sample_grid: Path | None = None) -> dict[str, Any]:
+        """What `aepretrain data` prints: counts per split and class, image size, what was skipped and why."""
+        return {
+            "dataset": self.dataset, "root": self.root, "classes": self.classes, "class_ids": self.class_ids,
+            "counts": self.counts(), "per_class": self.per_class(),
+            "image_size": [self.image_size, self.image_size, self.channels],
+            "skipped": self.skipped, "missing": self.missing, "notes": self.notes,
+            "sample_grid": str(sample_grid) if sample_grid else None,
+        }
+
     def counts(self) -> dict[str, int]:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test), "ae": len(self.ae),
                 "ae_val": len(self.ae_val)}

@@ -9,7 +9,15 @@ it is rebuilt, and said so in one line. ``NAME-KEY.lock`` is held while an entry
 process (another run, another DDP rank) waits for it, then maps the same file: one copy in the page cache.
 
 Example:
-    >>> labelled, skipped = decode_cached("folder", "all", paths, labels, names, 64, 10**8, None)  # doctest: +SKIP
+    >>> import tempfile
+    >>> from PIL import Image
+    >>> here = Path(tempfile.mkdtemp())
+    >>> paths = [here / "a.png", here / "b.png", here / "notes.txt"]
+    >>> Image.new("RGB", (40, 30), "red").save(paths[0]); Image.new("RGB", (30, 40), "blue").save(paths[1])
+    >>> _ = paths[2].write_text("not an image")
+    >>> labelled, skipped = decode_cached("folder", "all", paths, [0, 1, 0], ["a", "b", "n"], 32, 10**8, str(here))
+    >>> labelled.images.shape, labelled.labels.tolist(), [Path(s["path"]).name for s in skipped]
+    ((2, 32, 32, 3), [0, 1], ['notes.txt'])
 """
 
 from __future__ import annotations

@@ -44,8 +44,17 @@ def download_oxford_pets(
     corrupt or unsafe archive, or a ``root`` that cannot be written.
 
     Example:
-        >>> root = download_oxford_pets("data/oxford_pets")  # doctest: +SKIP
-        >>> sorted(p.name for p in root.iterdir())  # doctest: +SKIP
+        >>> import hashlib, io, tempfile
+        >>> here = Path(tempfile.mkdtemp())  # a mirror of the two archives, each holding one file
+        >>> archives = {}
+        >>> for folder in ("images", "annotations"):
+        ...     with tarfile.open(here / f"{folder}.tar.gz", "w:gz") as tar:
+        ...         member = tarfile.TarInfo(f"{folder}/README")
+        ...         member.size = 2
+        ...         tar.addfile(member, io.BytesIO(b"hi"))
+        ...     archives[f"{folder}.tar.gz"] = hashlib.md5((here / f"{folder}.tar.gz").read_bytes()).hexdigest()
+        >>> root = download_oxford_pets(here / "pets", here.as_uri() + "/", archives, progress=False)
+        >>> sorted(p.name for p in root.iterdir())
         ['annotations', 'annotations.tar.gz', 'images', 'images.tar.gz']
     """
     root = Path(root)

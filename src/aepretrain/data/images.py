@@ -5,9 +5,14 @@ caller can report it. An image over the pixel limit is refused before it is deco
 decompression bomb).
 
 Example:
-    >>> pixels, reason = decode("photo.jpg", size=64)  # doctest: +SKIP
+    >>> import tempfile
+    >>> path = f"{tempfile.mkdtemp()}/photo.png"
+    >>> Image.new("L", (80, 60), 128).save(path)
+    >>> pixels, reason = decode(path, size=64)
     >>> pixels.shape, reason
     ((64, 64, 3), None)
+    >>> decode(__file__, size=64)[0] is None  # not an image: skipped, with its reason
+    True
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ def autoencoder_split(labels: np.ndarray, fraction: float, val_fraction: float, 
     >>> len(train), len(val), len(set(train) & set(val))
     (20, 2, 0)
     """
-    rest, subset = stratified_split(labels, fraction, seed + 2)
+    rest, subset = stratified_split(labels, fraction, derive_seed(seed, "ae-subset"))
     stream = derive_seed(seed, "ae-val")
     if len(rest) == 0:
         fit, val = stratified_split(labels, val_fraction, stream)

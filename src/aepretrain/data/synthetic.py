@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..seeds import numpy_generator
 from .base import Labelled, Source
 
 
 def generate(classes: int, per_class: int, size: int, seed: int, split: str) -> Labelled:
-    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    rng = numpy_generator(seed, "synthetic", 0 if split == "train" else 1)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     images, labels = [], []
     for k in range(classes):

@@ -1,8 +1,15 @@
 """Top-k classes for any image file, from a classifier checkpoint, as the reference's Bombay table.
 
 Example:
-    >>> predict(["cat.jpg"], "runs/demo/checkpoints/classifier-pretrained.safetensors", top_k=3)  # doctest: +SKIP
-    [{'image': 'cat.jpg', 'top': [{'class': 'Bengal', 'probability': 0.91}, ...]}]
+    >>> from aepretrain.config import ModelConfig
+    >>> from aepretrain.models import Encoder
+    >>> classifier = Classifier(Encoder(ModelConfig(), 3), 2, 0.0)
+    >>> rows = top_k(classifier, ["cat", "dog"], np.zeros((1, 32, 32, 3), np.uint8), k=2)
+    >>> sorted(r["class"] for r in rows[0]), round(sum(r["probability"] for r in rows[0]), 6)
+    (['cat', 'dog'], 1.0)
+
+    ``predict(["cat.jpg"], "runs/demo/checkpoints/classifier-pretrained.safetensors", 3)`` does the same from image
+    files and a checkpoint: ``[{'image': 'cat.jpg', 'top': [{'class': 'Bengal', 'probability': 0.91}, ...]}]``.
 """
 
 from __future__ import annotations

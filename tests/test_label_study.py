@@ -1,4 +1,4 @@
-"""Beyond the reference: objectives, unlabelled pre-training data, probes, and the label-efficiency study."""
+"""The label-efficiency study: nested fractions, budgets, paired intervals, resume and overwrite."""
 
 import json
 import shutil
@@ -6,62 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from aepretrain.cli import main
 from aepretrain.config import resolve
 from aepretrain.data import prepare
-from aepretrain.models import build_encoder
-from aepretrain.probe import features
-from aepretrain.pretrain import masked_mse, patch_mask, pretrain
-from aepretrain.study import nested_fractions
+from aepretrain.label_study import nested_fractions
 
-from .conftest import photo
+from .conftest import tiny
 
-TINY = ["--dataset", "synthetic", "--image-size", "16", "--quiet", "--precision", "32",
-        "--set", "pretrain.epochs=1", "--set", "finetune.epochs=2", "--set", "pretrain.batch_size=16",
-        "--set", "finetune.batch_size=16", "--set", "data.synthetic_per_class=24"]
-
-
-def test_masked_loss_counts_only_masked_pixels() -> None:
-    torch.manual_seed(0)
-    target = torch.rand(2, 3, 16, 16)
-    mask = patch_mask(target, 4, 0.5)
-    assert set(mask.unique().tolist()) == {0.0, 1.0} and mask.shape == (2, 1, 16, 16)
-    recon = torch.rand(2, 3, 16, 16)
-    changed = recon + (1 - mask) * 100  # wildly wrong, but only where nothing is masked
-    assert masked_mse(changed, target, mask) == pytest.approx(float(masked_mse(recon, target, mask)))
-    expected = ((recon - target) ** 2 * mask).sum() / (mask.sum() * 3)
-    assert masked_mse(recon, target, mask) == pytest.approx(float(expected))
-
-
-def test_end_to_end_objective_trains_every_block(tmp_path: Path) -> None:
-    cfg = resolve("quick", overrides=["pretrain.epochs=1", "pretrain.objective=end-to-end"],
-                  **{"data.dataset": "synthetic", "data.image_size": 16, "trainer.progress": False,
-                     "trainer.precision": "32"})
-    bundle = prepare(cfg.data, 0)
-    torch.manual_seed(cfg.seed)
-    from aepretrain.models import build_encoder
-
-    initial = build_encoder(cfg.model, 3, for_classifier=False).state_dict()
-    result = pretrain(cfg, bundle, tmp_path)
-    assert [s["stage"] for s in result.stages] == [3]  # one stage: all blocks and the full decoder
-    assert result.stages[0]["params"]["non_trainable"] == sum(  # BatchNorm statistics only: nothing frozen
-        2 * m.num_features for m in result.autoencoders[0].modules() if isinstance(m, torch.nn.BatchNorm2d))
-    trained = result.encoder.state_dict()
-    for b in range(3):
-        key = f"blocks.{b}.conv1.weight"
-        assert not torch.equal(initial[key], trained[key]), f"block {b + 1} did not train"
-
-
-@pytest.mark.parametrize("objective", ["greedy-denoising", "greedy-masked"])
-def test_greedy_variants_train_one_block_per_stage(objective: str, tmp_path: Path) -> None:
-    cfg = resolve("quick", overrides=["pretrain.epochs=1", f"pretrain.objective={objective}"],
-                  **{"data.dataset": "synthetic", "data.image_size": 16, "trainer.progress": False,
-                     "trainer.precision": "32"})
-    result = pretrain(cfg, prepare(cfg.data, 0), tmp_path)
-    assert [s["stage"] for s in result.stages] == [1, 2, 3]
-    assert all(np.isfinite(s["train_loss"]) for s in result.stages) and result.test_mse > 0
+TINY = tiny()
 
 
 def test_label_fractions_are_stratified_and_nested() -> None:
@@ -74,38 +27,6 @@ def test_label_fractions_are_stratified_and_nested() -> None:
         assert set(subsets[small]) <= set(subsets[large])
     other = nested_fractions(labels, [0.1], seed=4)
     assert not np.array_equal(other[0.1], subsets[0.1])
-
-
-def test_probe_features_of_every_depth_from_one_pass_match_a_pass_per_depth() -> None:
-    torch.manual_seed(0)
-    encoder = build_encoder(resolve("quick").model, 1, for_classifier=False)
-    images = torch.randint(0, 256, (6, 16, 16, 1), dtype=torch.uint8)
-    by_depth = features(encoder, images)
-    x = images.permute(0, 3, 1, 2).float() / 255
-    assert [tuple(f.shape) for f in by_depth] == [(6, 16), (6, 32), (6, 64)]
-    with torch.no_grad():
-        for depth, f in enumerate(by_depth, 1):
-            assert torch.allclose(f, encoder.eval()(x, depth).mean(dim=(2, 3)), atol=1e-6)
-
-
-def test_pretraining_on_an_unlabelled_folder_end_to_end(tmp_path: Path) -> None:
-    folder = tmp_path / "unlabelled"
-    folder.mkdir()
-    for i in range(30):
-        photo(i, size=(20, 20)).save(folder / f"img{i}.png")
-    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really")
-    out = tmp_path / "run"
-    assert main(["run", "--out", str(out), *TINY, "--pretrain-data", str(folder),
-                 "--set", "data.ae_fraction=1.0"]) == 0
-    m = json.loads((out / "metrics.json").read_text())
-    assert m["pretrain"]["images"] == 30 and "unlabelled" in m["pretrain"]["data"]
-    assert "no labelled test image" in m["pretrain"]["data"]
-    assert {(r["encoder"], r["depth"]) for r in m["probes"]} == {(e, d) for e in ("pretrained", "random")
-                                                                 for d in (1, 2, 3)}
-    assert all(0 <= r["linear_test"] <= 1 and 0 <= r["knn_test"] <= 1 for r in m["probes"])
-    assert max(r["linear_test"] for r in m["probes"]) >= 0.25 + 0.4  # 4 separable classes: far above chance
-    report = (out / "report.md").read_text()
-    assert "3b. Probes" in report and "unlabelled" in report
 
 
 def test_study_resumes_without_redoing_finished_cells(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -141,7 +62,7 @@ def test_study_resumes_without_redoing_finished_cells(tmp_path: Path, capsys: py
 
 
 def test_verdicts_follow_the_paired_t_interval() -> None:
-    from aepretrain.study import paired_interval, summarize_cells, t_975, verdict
+    from aepretrain.label_study import paired_interval, summarize_cells, t_975, verdict
 
     assert t_975(1) == 12.706 and t_975(4) == 2.776 and abs(t_975(60) - 2.000) < 0.002
     mean, low, high = paired_interval([0.010, 0.012, 0.008, 0.011, 0.009])

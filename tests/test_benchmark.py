@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from aepretrain.bench import step_plan
+from aepretrain.benchmark import step_plan
 from aepretrain.cli import main
 
 
@@ -30,7 +30,7 @@ def test_bench_reports_every_model_with_the_documented_keys(capsys: pytest.Captu
 def test_counted_flops_match_a_hand_count_and_rates_follow_from_them(capsys: pytest.CaptureFixture[str]) -> None:
     import torch
 
-    from aepretrain.bench import train_flops_per_image
+    from aepretrain.benchmark import train_flops_per_image
     from aepretrain.config import resolve
     from aepretrain.models import Classifier, build_encoder
 

@@ -7,8 +7,15 @@ from scratch, with the same labelled images, validation set, seed and budget. Ev
 is written to ``study.json`` at once, so an interrupted study resumes where it stopped.
 
 Example:
-    >>> result = study(resolve("quick"), "runs/study")  # doctest: +SKIP
-    >>> result["summary"][0]["mean"]  # doctest: +SKIP
+    >>> import tempfile
+    >>> from aepretrain.config import resolve
+    >>> cfg = resolve("tiny", overrides=["study.seeds=2", "study.label_fractions=[1]", "study.epochs=1",
+    ...                                  "study.min_steps=0"])
+    >>> result = study(cfg, tempfile.mkdtemp())
+    >>> [(row["fraction"], row["arm"], row["seeds"]) for row in result["summary"]]
+    [(1.0, 'scratch', 2), (1.0, 'greedy', 2)]
+    >>> paired_interval([0.01, 0.03])[0]  # the mean paired gain; its 95 % interval follows
+    0.02
 """
 
 from __future__ import annotations
@@ -32,12 +39,15 @@ from .finetune import epochs_to_target, finetune
 from .models import Encoder
 from .pretrain import pretrain
 from .runfolder import run_folder
-from .training import batches_per_epoch, is_global_zero, set_threads, write_json
+from .seeds import derive_seed, numpy_generator
+from .data.loading import batches_per_epoch
+from .fileio import is_global_zero, write_json
+from .training import set_threads
 
 
 def nested_fractions(labels: np.ndarray, fractions: list[float], seed: int) -> dict[float, np.ndarray]:
     """Stratified subsets, nested across fractions: one random order per class, each fraction a prefix of it."""
-    rng = np.random.default_rng([seed, 17])
+    rng = numpy_generator(seed, "label-fractions")
     orders = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
     return {f: np.sort(np.concatenate([o[:max(1, round(f * len(o)))] for o in orders])) for f in fractions}
 
@@ -159,55 +169,62 @@ def study(cfg: Config, out: str | Path, overwrite: bool = False) -> dict[str, An
 
 
 def _study(cfg: Config, out: Path) -> dict[str, Any]:
-    from .report import write_study_report
-
     s = cfg.study
     fractions, objectives = sorted(s.label_fractions), list(s.objectives)
-    record_path = out / "study.json"
     record = _open_study(cfg, out)
     done = {(c["fraction"], c["arm"], c["seed"]) for c in record["cells"]}
     set_threads()
     bundle = prepare(cfg.data, cfg.seed)
     labels_required(bundle)
     if s.val_limit is not None and s.val_limit < len(bundle.val):
-        bundle = dataclasses.replace(bundle, val=bundle.val.take(stratified_subset(bundle.val.labels, s.val_limit,
-                                                                                   cfg.seed)))
+        keep = stratified_subset(bundle.val.labels, s.val_limit, derive_seed(cfg.seed, "val-limit"))
+        bundle = dataclasses.replace(bundle, val=bundle.val.take(keep))
     for seed in range(cfg.seed, cfg.seed + s.seeds):
         subsets = nested_fractions(bundle.train.labels, fractions, seed)
         encoders: dict[str, Encoder] = {}
         for fraction in fractions:
             labelled = dataclasses.replace(bundle, train=bundle.train.take(subsets[fraction]))
-            per_epoch = batches_per_epoch(len(labelled.train), cfg.finetune.batch_size, drop_last=True)
-            epochs = max(s.epochs, math.ceil(s.min_steps / per_epoch))  # same budget for every arm of a cell
-            if cfg.trainer.smoke:  # Lightning runs two batches an epoch, so the budget above is not what runs
-                epochs = 1
             for arm in ["scratch", *objectives]:
                 if (fraction, arm, seed) in done:
                     continue
                 if arm != "scratch" and arm not in encoders:
-                    acfg = _seeded(cfg, seed, arm)
-                    encoders[arm] = _encoder(acfg, bundle, out / "pretrain" / f"{arm}-seed{seed}")
-                c = _seeded(cfg, seed)
-                c.finetune.epochs = epochs
-                c.finetune.early_stopping_patience = None  # every cell trains its whole budget
-                cell = out / "cells" / f"f{fraction:g}-{arm}-seed{seed}"
-                result = finetune(c, labelled, cell, "scratch" if arm == "scratch" else "pretrained",
-                                  encoders.get(arm), resume=True)
-                scores = evaluate(result.classifier, bundle.test, bundle.classes)
-                record["cells"].append({
-                    "fraction": fraction, "arm": arm, "seed": seed, "labelled": len(labelled.train),
-                    "epochs": len(result.history), "steps": int(result.history[-1]["step"]) if result.history else 0,
-                    "test_accuracy": scores["test_accuracy"], "test_loss": scores["test_loss"],
-                    "best_val_accuracy": result.best_val_accuracy, "history": result.history,
-                    "seconds": result.seconds})
-                write_json(record_path, record)
+                    encoders[arm] = _encoder(_seeded(cfg, seed, arm), bundle, out / "pretrain" / f"{arm}-seed{seed}")
+                record["cells"].append(_cell(cfg, labelled, out, fraction, arm, seed, encoders.get(arm)))
+                write_json(out / "study.json", record)
+    return _finish(cfg, out, record, objectives)
+
+
+def _cell(cfg: Config, labelled: DataBundle, out: Path, fraction: float, arm: str, seed: int,
+          encoder: Encoder | None) -> dict[str, Any]:
+    """One arm fine-tuned on one labelled fraction with one seed, tested; every arm of a cell has the same budget:
+    ``study.epochs``, more where the fraction is too small for ``study.min_steps`` optimizer steps."""
+    c = _seeded(cfg, seed)
+    per_epoch = batches_per_epoch(len(labelled.train), cfg.finetune.batch_size, drop_last=True)
+    c.finetune.epochs = max(cfg.study.epochs, math.ceil(cfg.study.min_steps / per_epoch))
+    if cfg.trainer.smoke:  # Lightning runs two batches an epoch, so the budget above is not what runs
+        c.finetune.epochs = 1
+    c.finetune.early_stopping_patience = None  # every cell trains its whole budget
+    folder = out / "cells" / f"f{fraction:g}-{arm}-seed{seed}"
+    result = finetune(c, labelled, folder, "scratch" if arm == "scratch" else "pretrained", encoder, resume=True)
+    scores, history = evaluate(result.classifier, labelled.test, labelled.classes), result.record.history
+    return {"fraction": fraction, "arm": arm, "seed": seed, "labelled": len(labelled.train),
+            "epochs": len(history), "steps": int(history[-1]["step"]) if history else 0,
+            "test_accuracy": scores["test_accuracy"], "test_loss": scores["test_loss"],
+            "best_val_accuracy": result.record.summary["best_val_accuracy"], "history": history,
+            "seconds": result.record.seconds}
+
+
+def _finish(cfg: Config, out: Path, record: dict[str, Any], objectives: list[str]) -> dict[str, Any]:
+    """Epochs to target for every cell, the summary with its intervals, study.csv and the report."""
+    from .report import write_study_report
+
     for c in record["cells"]:  # epochs to target_fraction x the scratch arm's best, same fraction and seed
         scratch = next(x for x in record["cells"] if (x["fraction"], x["seed"], x["arm"]) ==
                        (c["fraction"], c["seed"], "scratch"))
         c["target"] = cfg.finetune.target_fraction * scratch["best_val_accuracy"]
         c["epochs_to_target"] = epochs_to_target(c["history"], c["target"])
     record["summary"] = summarize_cells(record["cells"], objectives)
-    write_json(record_path, record)
+    write_json(out / "study.json", record)
     if not is_global_zero():
         return record
     with open(out / "study.csv", "w", newline="") as f:

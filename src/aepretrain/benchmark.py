@@ -7,8 +7,10 @@ measured in the same run for fp32 and bf16. Each measurement keeps to a time bud
 (the reference's autoencoders at 224 px on a CPU) gets fewer steps, down to one timed step.
 
 Example:
-    >>> report = bench(resolve("seed"), size=224, batch=32, steps=5)  # doctest: +SKIP
-    >>> report["rows"][0]["step_img_s"]  # doctest: +SKIP
+    >>> from aepretrain.config import resolve
+    >>> report = bench(resolve("tiny"), size=16, batch=8, warmup=1, steps=1, only=["classifier"], seconds=5)
+    >>> [(row["model"], row["precision"]) for row in report["rows"]], report["rows"][0]["step_img_s"] > 0
+    ([('classifier', '32')], True)
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import Config
 from .data.base import Labelled
-from .finetune import ClassifierModule
+from .finetune import classifier_module
 from .models import Autoencoder, Classifier, build_encoder
-from .pretrain import StageModule
-from .training import loader, resolved_precision, set_threads
+from .pretrain import stage_module
+from .data.loading import loader
+from .training import resolved_precision, set_threads
 
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -149,14 +152,14 @@ def loop_rate(name: str, model: nn.Module, cfg: Config, data: Labelled, batch: i
               precision: str) -> float:
     """The real training loop (Lightning, the cached-data loader, on-device augmentation), per batch."""
     clock = BatchClock()
-    module = ClassifierModule(model, cfg, None, name) if name == "classifier" else StageModule(model, cfg, None)
+    module = classifier_module(model, cfg, name) if name == "classifier" else stage_module(model, cfg)
     fit = L.Trainer(accelerator=cfg.trainer.device, devices=1, precision=precision, max_epochs=1,
                     limit_train_batches=warmup + timed, limit_val_batches=0, logger=False,
                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                     callbacks=[clock])
     with warnings.catch_warnings():  # the modules' validation_step is for training runs, not this loop
         warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
-        fit.fit(module, loader(data, batch, True, cfg, drop_last=True))
+        fit.fit(module, loader(data, batch, True, cfg.seed, cfg.trainer.num_workers, drop_last=True))
     gaps = np.diff(clock.ends)[warmup:]
     return batch / float(np.median(gaps))
 
