@@ -6,8 +6,15 @@ line that names the layer that differs. Writes go to a temporary file, then a re
 write (a full disk) leaves the previous file intact.
 
 Example:
-    >>> save_model(classifier, "clf.safetensors", kind="classifier", cfg=cfg, extra={"classes": names})  # doctest: +SKIP
-    >>> model, meta = load_classifier("clf.safetensors")  # doctest: +SKIP
+    >>> import tempfile
+    >>> from aepretrain.config import resolve
+    >>> cfg = resolve("tiny")
+    >>> classifier = Classifier(build_encoder(cfg.model, 3, True), 2, 0.0)
+    >>> path = save_model(classifier, f"{tempfile.mkdtemp()}/clf.safetensors", "classifier", cfg, 3,
+    ...                   {"classes": ["cat", "dog"]})
+    >>> model, meta = load_classifier(path)
+    >>> meta["classes"], meta["image_size"], meta["in_channels"]
+    (['cat', 'dog'], 16, 3)
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ COMMON = {  # flag -> dotted setting
 
 
 SETTING_FLAGS: dict[str, dict[str, Any]] = {  # every flag that sets a setting; COMMAND_FLAGS says who takes which
-    "preset": {"help": "named settings: quick (default), pets-sample, seed"},
+    "preset": {"help": "named settings: quick (default), pets-sample, seed, tiny"},
     "config": {"metavar": "FILE", "help": "a YAML file of settings that override the preset"},
     "set": {"action": "append", "default": [], "metavar": "KEY=VALUE",
             "help": "override one setting by its dotted key, e.g. finetune.epochs=3 (repeatable)"},

@@ -12,9 +12,10 @@ upload over the size limit, 422 a file that is not a usable image (not an image,
 a possible decompression bomb). An upload is copied into a new temporary folder, decoded there by the same
 code as ``aepretrain predict`` and deleted with the folder when the answer is ready.
 
-Example:
-    >>> app = build_app("runs/demo/checkpoints/classifier-pretrained.safetensors")  # doctest: +SKIP
-    >>> serve("runs/demo/checkpoints/classifier-pretrained.safetensors", port=8000)  # doctest: +SKIP
+Usage (``aepretrain serve`` does the second; tests/test_serve.py drives both with a real server and browser)::
+
+    app = build_app("runs/quick/checkpoints/classifier-pretrained.safetensors")  # an ASGI app, for any server
+    serve("runs/quick/checkpoints/classifier-pretrained.safetensors", port=8000)  # until Ctrl-C
 """
 
 from __future__ import annotations
