@@ -33,10 +33,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import Config
 from .data.base import Labelled
+from .data.loading import loader
 from .finetune import classifier_module
 from .models import Autoencoder, Classifier, build_encoder
 from .pretrain import stage_module
-from .data.loading import loader
+from .seeds import numpy_generator
 from .training import resolved_precision, set_threads
 
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -222,7 +223,7 @@ def bench(cfg: Config, size: int, batch: int, precisions: list[str] | None = Non
     if device.type == "cuda" or default == "bf16-mixed":
         rates["bf16"] = matmul_gflops(device, torch.bfloat16)
     say("bench: matmul " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in rates.items()))
-    rng = np.random.default_rng(0)
+    rng = numpy_generator(cfg.seed, "bench-images")
     n = batch * (warmup + steps + 2)
     data = Labelled(rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8),
                     rng.integers(0, classes, n).astype(np.int64), [str(i) for i in range(n)])

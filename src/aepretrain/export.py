@@ -54,6 +54,7 @@ from .config import BlockSpec, ModelConfig
 from .errors import UserError
 from .fileio import atomic_write, first_line
 from .models import Classifier, Encoder
+from .seeds import derive_seed
 
 FORMATS = ("onnx", "torchscript", "backbone")
 BACKBONE_FORMAT = "aepretrain-backbone-1"
@@ -100,7 +101,7 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path) -> dict[str, Any]:
     info = {"classes": meta["classes"], "image_size": meta["image_size"], "in_channels": meta["in_channels"],
             "input": "image", "outputs": ["logits", "probabilities"], "preprocessing": PREPROCESSING,
             "source": Path(checkpoint).name, "aepretrain": __version__}
-    draw = torch.Generator().manual_seed(0)  # the example and the check batch: random pixels, the same every time
+    draw = torch.Generator().manual_seed(derive_seed(0, "export-check"))  # random pixels, the same every time
     shape = (meta["in_channels"], meta["image_size"], meta["image_size"])
     example, check = torch.rand((2, *shape), generator=draw), torch.rand((3, *shape), generator=draw)
     with torch.no_grad():

@@ -31,9 +31,9 @@ from torch import nn
 from .callbacks import History, KeepBest
 from .checkpoints import load_weights
 from .config import Config
-from .errors import UserError
 from .data import DataBundle
 from .data.loading import loader
+from .errors import UserError
 from .models import Classifier, Encoder, build_encoder
 from .seeds import derive_seed
 from .training import Fit, Record, TrainingModule, fit_or_restore

@@ -32,16 +32,16 @@ import numpy as np
 
 from .config import Config, differences, from_dict
 from .data import DataBundle, labels_required, prepare, pretrain_images
+from .data.loading import batches_per_epoch
 from .data.splits import stratified_subset
 from .errors import UserError
 from .evaluate import evaluate
+from .fileio import is_global_zero, write_json
 from .finetune import epochs_to_target, finetune
 from .models import Encoder
 from .pretrain import pretrain
 from .runfolder import run_folder
 from .seeds import derive_seed, numpy_generator
-from .data.loading import batches_per_epoch
-from .fileio import is_global_zero, write_json
 from .training import set_threads
 
 

@@ -25,18 +25,18 @@ import numpy as np
 import torch
 
 from . import figures
+from .checkpoints import load_classifier, load_stage_encoder
 from .config import Config, differences
 from .data import DataBundle, labels_required, prepare, pretrain_images
 from .errors import UserError
-from .checkpoints import load_classifier, load_stage_encoder
 from .evaluate import evaluate
+from .fileio import is_global_zero, write_json
 from .finetune import ArmResult, classifier_path, epochs_to_target, finetune
 from .models import Encoder
 from .prediction import top_k
-from .probe import probes
 from .pretrain import PretrainResult, pretrain, reconstruct, stage_path
+from .probe import probes
 from .runfolder import run_folder, save_settings, saved_settings
-from .fileio import is_global_zero, write_json
 from .training import resolved_precision, set_threads
 from .transforms import pixels
 

@@ -24,12 +24,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from .callbacks import History
 from .config import Config
 from .data import DataBundle, Labelled
 from .data.loading import loader
 from .models import Autoencoder, Encoder, build_encoder, summarize
 from .seeds import derive_seed
-from .callbacks import History
 from .training import Fit, Record, TrainingModule, fit_or_restore, trainer
 from .transforms import to_float
 

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from .data import DataBundle
 from .data.base import Images
-from .evaluate import over_batches
 from .data.splits import stratified_subset
+from .evaluate import over_batches
 from .models import Encoder
 from .seeds import derive_seed
 

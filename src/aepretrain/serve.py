@@ -39,8 +39,8 @@ from .data.images import DEFAULT_MAX_PIXELS
 from .errors import UserError
 from .fileio import first_line
 from .prediction import prepare_image, top_k
-from .transforms import pixels
 from .pretrain import reconstruct, stage_path
+from .transforms import pixels
 
 
 class UploadTooLarge(Exception):
