@@ -429,6 +429,7 @@ def shrink_for_smoke(cfg: Config) -> None:
     cfg.data.test_limit = min(cfg.data.test_limit or 32, 32)
     cfg.data.synthetic_per_class = min(cfg.data.synthetic_per_class, 16)
     cfg.predict.images = min(cfg.predict.images, 2)
+    cfg.probe.train_limit = min(cfg.probe.train_limit or 32, 32)
 
 
 def _nest(key: str, value: Any) -> dict[str, Any]:
