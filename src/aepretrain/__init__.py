@@ -4,7 +4,7 @@ The Python API, the same the CLI calls:
 
     >>> import aepretrain, tempfile
     >>> out = tempfile.mkdtemp()
-    >>> cfg = aepretrain.resolve("tiny", overrides=["finetune.epochs=1"])  # "quick" for the real demo
+    >>> cfg = aepretrain.resolve("tiny", overrides=["trainer.smoke=true"])  # "quick" for the real demo
     >>> metrics = aepretrain.run(cfg, out)
     >>> sorted(metrics["finetune"])
     ['pretrained', 'scratch']

@@ -23,7 +23,7 @@ Example:
     >>> from aepretrain.config import resolve
     >>> from aepretrain.pipeline import run_finetune
     >>> out = tempfile.mkdtemp()
-    >>> arm = run_finetune(resolve("tiny", overrides=["finetune.epochs=1"]), out, "scratch")
+    >>> arm = run_finetune(resolve("tiny", overrides=["trainer.smoke=true"]), out, "scratch")
     >>> done = export(f"{out}/checkpoints/classifier-scratch.safetensors", "torchscript", f"{out}/model.pt")
     >>> done["format"], done["max_abs_diff"] < 1e-4
     ('torchscript', True)

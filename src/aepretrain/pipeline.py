@@ -6,7 +6,7 @@ step), so nothing finished is lost if a later step fails.
 Example:
     >>> import tempfile
     >>> from aepretrain.config import resolve
-    >>> metrics = run(resolve("tiny", overrides=["finetune.epochs=1"]), tempfile.mkdtemp())
+    >>> metrics = run(resolve("tiny", overrides=["trainer.smoke=true"]), tempfile.mkdtemp())
     >>> 0 <= metrics["finetune"]["pretrained"]["test_accuracy"] <= 1
     True
 """
