@@ -78,9 +78,9 @@ class FiniteLoss(Callback):
         if trainer.world_size > 1:
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
-            raise UserError(f"{self.name}: the loss became {float(loss.detach())} at epoch {trainer.current_epoch + 1}, "
-                            f"step {self.batch + 1}; "
-                            f"{_last_good(self.last)}. Lower the learning rate or set trainer.gradient_clip_val")
+            where = f"epoch {trainer.current_epoch + 1}, step {self.batch + 1}"
+            raise UserError(f"{self.name}: the loss became {float(loss.detach())} at {where}; {_last_good(self.last)}. "
+                            "Lower the learning rate or set trainer.gradient_clip_val")
 
 
 class FiniteEpoch(Callback):

@@ -103,7 +103,7 @@ class Fit:
     kind: str  # the checkpoint's kind: autoencoder | classifier
     data: tuple[DataLoader, DataLoader]  # train and validation batches
     epochs: int
-    summary: tuple[str, ...]  # the summary keys a finished record must hold
+    summary_keys: tuple[str, ...]  # what a finished record's summary must hold
     callbacks: Sequence[Callback] = ()
 
 
@@ -113,7 +113,8 @@ def fit_or_restore(module: TrainingModule, fit: Fit, cfg: Config, out: Path, cha
     or a fit of it, continued from its last epoch checkpoint when ``resume``. After a fit, ``finish(history)``
     gives the record's summary and the checkpoint's metadata; the weights are saved, then the record."""
     json_path = fit.weights.with_suffix(".json")
-    done = read_finished(module.model, json_path, fit.weights, fit.kind, Record.KEYS + fit.summary) if resume else None
+    needs = Record.KEYS + fit.summary_keys
+    done = read_finished(module.model, json_path, fit.weights, fit.kind, needs) if resume else None
     if done is not None:
         return Record.from_json(module.name, done)
     history = History(cfg.seed)
