@@ -19,17 +19,12 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.conftest import numbers  # noqa: E402  metrics.json without timings: the same comparison as the tests
+
 ARGS = ["--precision", "32", "--seed", "11", "--quiet", "--set", "data.train_limit=8000",
         "--set", "pretrain.epochs=2", "--set", "finetune.epochs=4"]
 FITS = ("stage2", "pretrained", "scratch")
-
-
-def numbers(out: Path) -> dict:
-    def strip(x):
-        if isinstance(x, dict):
-            return {k: strip(v) for k, v in x.items() if k not in ("seconds", "resumed_from", "checkpoint")}
-        return [strip(v) for v in x] if isinstance(x, list) else x
-    return strip(json.loads((out / "metrics.json").read_text()))
 
 
 def aepretrain(*args: str) -> list[str]:

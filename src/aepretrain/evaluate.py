@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,8 +29,8 @@ from .transforms import pixels
 
 
 @torch.no_grad()
-def over_batches(model: nn.Module, images: torch.Tensor | Images, fn: Callable[[torch.Tensor], torch.Tensor],
-                 batch_size: int = 256) -> torch.Tensor:
+def over_batches(model: nn.Module, images: np.ndarray | torch.Tensor | Images,
+                 fn: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 256) -> torch.Tensor:
     """``fn`` of uint8 NHWC images scaled to [0, 1], batch by batch on the model's device, in eval mode. Images
     of a store are gathered a batch at a time."""
     device = next(model.parameters()).device
@@ -42,7 +43,7 @@ def over_batches(model: nn.Module, images: torch.Tensor | Images, fn: Callable[[
     return torch.cat(out)
 
 
-def logits_of(classifier: Classifier, images: torch.Tensor | Images) -> torch.Tensor:
+def logits_of(classifier: Classifier, images: np.ndarray | torch.Tensor | Images) -> torch.Tensor:
     return over_batches(classifier, images, classifier)
 
 

@@ -14,8 +14,6 @@ Example:
     >>> result = study(cfg, tempfile.mkdtemp())
     >>> [(row["fraction"], row["arm"], row["seeds"]) for row in result["summary"]]
     [(1.0, 'scratch', 2), (1.0, 'greedy', 2)]
-    >>> paired_interval([0.01, 0.03])[0]  # the mean paired gain; its 95 % interval follows
-    0.02
 """
 
 from __future__ import annotations

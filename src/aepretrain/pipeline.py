@@ -206,7 +206,7 @@ def _run(cfg: Config, out: Path, bundle: DataBundle, metrics: dict[str, Any], re
 
     shown = bundle.test.take(np.arange(min(cfg.predict.images, len(bundle.test))))
     arm = arms.get("pretrained") or next(iter(arms.values()))
-    rows = top_k(arm.classifier, bundle.classes, np.asarray(shown.images), cfg.predict.top_k)
+    rows = top_k(arm.classifier, bundle.classes, shown.images, cfg.predict.top_k)
     metrics["predictions"] = [{"image": name, "true": bundle.classes[label], "arm": arm.init, "top": top}
                               for name, label, top in zip(shown.names, shown.labels, rows)]
     write_json(out / "metrics.json", metrics)

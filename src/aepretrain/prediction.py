@@ -19,8 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from .checkpoints import load_classifier
 from .data import match_channels
+from .data.base import Images
 from .data.images import DEFAULT_MAX_PIXELS, load_for_prediction
 from .evaluate import logits_of
 from .models import Classifier
@@ -32,8 +34,9 @@ def prepare_image(path: str | Path, size: int, channels: int, max_pixels: int = 
     return match_channels(load_for_prediction(path, size, max_pixels)[None], channels)[0]
 
 
-def top_k(classifier: Classifier, classes: list[str], images: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
-    probabilities = torch.softmax(logits_of(classifier, torch.from_numpy(images)).double(), dim=1)
+def top_k(classifier: Classifier, classes: list[str], images: np.ndarray | Images, k: int
+          ) -> list[list[dict[str, Any]]]:
+    probabilities = torch.softmax(logits_of(classifier, images).double(), dim=1)
     values, indices = probabilities.topk(min(k, len(classes)), dim=1)
     return [[{"class": classes[i], "probability": float(p)} for p, i in zip(row_p, row_i)]
             for row_p, row_i in zip(values.tolist(), indices.tolist())]

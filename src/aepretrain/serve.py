@@ -71,7 +71,7 @@ class Analyst:
 
     def __call__(self, path: Path, views: bool) -> dict[str, Any]:
         image = prepare_image(path, self.size, self.channels, self.max_pixels)
-        batch = np.stack([image])  # a writable copy, as torch.from_numpy wants
+        batch = np.stack([image])  # a batch of one, writable (torch warns on read-only arrays)
         answer: dict[str, Any] = {"top": top_k(self.classifier, self.meta["classes"], batch, self.top_k)[0],
                                   "image_size": self.size}
         if views:
