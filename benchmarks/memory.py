@@ -12,9 +12,11 @@ new names: each is decoded as a file of its own), then, each in a fresh cache, r
 and records the peak memory of each child's process tree: the largest proportional set size (PSS: shared pages
 counted once, split among the processes sharing them) sampled every 0.1 s from /proc, the peak of its
 anonymous part (what the processes hold themselves; the rest is the page cache's file pages, the mapped store
-among them, which the kernel drops under pressure), and the largest single-process resident set (``ru_maxrss``). Decode speed is the store's own summary line
-(decode, write, read back and check) against a bare Pillow loop (open, draft, RGB, resize; nothing kept) over
-the same files with the same number of processes.
+among them, which the kernel drops under pressure), and the largest single-process resident set
+(``ru_maxrss``). Decode speed is the store's own summary line (decode, write with a digest per image, flush to
+disk, rename) against a bare Pillow loop (open, draft, RGB, resize; nothing kept) over the same files with the
+same number of processes, run right before and right after ``aepretrain data`` (this host's speed drifts: the
+ratio is to the mean of the two).
 
     python benchmarks/memory.py --sizes 2000,8000,32000 --work /tmp/aepretrain-memory
 
@@ -122,7 +124,6 @@ def main() -> None:
     parser.add_argument("--sizes", default="2000,8000,32000")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--work", default="/tmp/aepretrain-memory", help="folders, caches and runs go here")
-    parser.add_argument("--bare-limit", type=int, default=4000, help="files the bare Pillow loop decodes")
     parser.add_argument("--keep", action="store_true", help="keep --work afterwards")
     args = parser.parse_args()
     work = Path(args.work)
@@ -132,20 +133,23 @@ def main() -> None:
             files = photo_folder(work / f"photos-{n}", n)
             env = dict(os.environ, AEPRETRAIN_CACHE=str(work / f"cache-{n}"))
             aepretrain = [sys.executable, "-m", "aepretrain"]
+            bare_before = bare_pillow_rate(files)
             data = measured([*aepretrain, "data", "--dataset", "folder", "--root", str(work / f"photos-{n}"),
                              "--image-size", str(args.image_size), "--out", str(work / f"data-{n}")], env)
+            stored = re.search(r"stored (\d+) images of folder-all-\d+ \(([\d.]+ [MG]B).*\((\d+) images/s\)",
+                               str(data["stderr"]))
+            bare_after = bare_pillow_rate(files)
             run = measured([*aepretrain, "run", "--preset", "seed", "--smoke", "--quiet", "--dataset", "synthetic",
                             "--image-size", str(args.image_size), "--pretrain-data", str(work / f"photos-{n}"),
                             "--set", "probe.enabled=false", "--out", str(work / f"run-{n}"), "--overwrite"], env)
-            stored = re.search(r"stored (\d+) images of folder-all-\d+ \(([\d.]+ [MG]B).*\((\d+) images/s\)",
-                               str(data["stderr"]))
-            bare = bare_pillow_rate(files[:args.bare_limit])
             metrics = json.loads((work / f"run-{n}" / "metrics.json").read_text()) if run["rc"] == 0 else {}
             rows.append({"n": n, "stored": int(stored.group(1)) if stored else None,
                          "store_size": stored.group(2) if stored else None,
-                         "data_rc": data["rc"], "data_seconds": data["seconds"], "data_peak_pss_mb": data["peak_pss_mb"],
-                         "data_peak_anon_mb": data["peak_anon_mb"], "data_max_rss_mb": data["max_rss_mb"], "decode_img_s": int(stored.group(3)) if stored else None,
-                         "bare_pillow_img_s": round(bare), "run_rc": run["rc"], "run_seconds": run["seconds"],
+                         "data_rc": data["rc"], "data_seconds": data["seconds"],
+                         "data_peak_pss_mb": data["peak_pss_mb"], "data_peak_anon_mb": data["peak_anon_mb"],
+                         "data_max_rss_mb": data["max_rss_mb"], "decode_img_s": int(stored.group(3)) if stored else None,
+                         "bare_pillow_img_s": round((bare_before + bare_after) / 2),
+                         "bare_pillow_before_after": [round(bare_before), round(bare_after)], "run_rc": run["rc"], "run_seconds": run["seconds"],
                          "run_peak_pss_mb": run["peak_pss_mb"], "run_peak_anon_mb": run["peak_anon_mb"],
                          "run_max_rss_mb": run["max_rss_mb"],
                          "pretrain_images": metrics.get("pretrain", {}).get("images")})
@@ -157,13 +161,14 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print("\n| N | store | `data` s | `data` peak PSS MB (anonymous) | max RSS MB | decode img/s | bare Pillow img/s "
-          "| ratio | `run --smoke` peak PSS MB (anonymous) | max RSS MB | pre-trained on |")
+    print("\n| N | store | `data` s | `data` peak PSS MB (anonymous) | max RSS MB | decode img/s "
+          "| bare Pillow img/s (before, after) | ratio | `run --smoke` peak PSS MB (anonymous) | max RSS MB | pre-trained on |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['decode_img_s'] / r['bare_pillow_img_s']:.2f}" if r["decode_img_s"] else "n/a"
         print(f"| {r['n']:,} | {r['store_size']} | {r['data_seconds']} | {r['data_peak_pss_mb']} ({r['data_peak_anon_mb']}) "
-              f"| {r['data_max_rss_mb']} | {r['decode_img_s']} | {r['bare_pillow_img_s']} | {ratio} "
+              f"| {r['data_max_rss_mb']} | {r['decode_img_s']} | {r['bare_pillow_img_s']} "
+              f"({', '.join(map(str, r['bare_pillow_before_after']))}) | {ratio} "
               f"| {r['run_peak_pss_mb']} ({r['run_peak_anon_mb']}) | {r['run_max_rss_mb']} | {r['pretrain_images']} |")
 
 

@@ -109,6 +109,23 @@ def test_a_damaged_store_is_rebuilt_and_said_in_one_line(kind: str, tmp_path: Pa
     assert capsys.readouterr().err == ""  # rebuilt whole: mapped as it is
 
 
+def test_the_digests_written_by_parallel_decoders_match_the_file(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The build is not read back: the digests its decoders computed are the record, so they must match the file.
+    A later touch (new time, same bytes) makes every row be checked against them, and nothing is rebuilt."""
+    root = folder_of_photos(tmp_path / "photos", 70)  # over two decoding tasks: several worker processes
+    args = ["data", "--dataset", "folder", "--root", str(root), "--image-size", "16", "--out", str(tmp_path / "o"),
+            "--json", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert main(args) == 0
+    assert len(STORED.findall(capsys.readouterr().err)) == 1
+    [npy] = (tmp_path / "cache").glob("*.npy")
+    os.utime(npy, ns=(npy.stat().st_atime_ns, npy.stat().st_mtime_ns + 10**9))
+    assert main(args) == 0
+    assert capsys.readouterr().err == ""  # verified row by row, kept: neither damaged nor stored again
+    recorded = json.loads(npy.with_suffix(".json").read_text())["stat"]
+    assert recorded[1] == npy.stat().st_mtime_ns  # the new time is recorded: the next run checks nothing
+
+
 def test_a_build_killed_midway_leaves_nothing_that_is_trusted(tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     root = folder_of_photos(tmp_path / "photos", 300, size=(400, 300))
@@ -196,18 +213,21 @@ def test_cache_list_and_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     prepare(cfg.data, 0)
     (cache / "notes.txt").write_text("not ours")
     (cache / "folder-all-16.npy").write_bytes(b"not ours either: no key")
+    older = cache / f"folder-all-8-{'0' * 20}"  # an older aepretrain's store: no longer read, still listed
+    older.with_suffix(".npy").write_bytes(b"\0" * 192)
+    older.with_suffix(".json").write_text(json.dumps({"format": 2, "rows": [0], "source": "elsewhere"}))
     capsys.readouterr()
     assert main(["cache", "list", "--dir", str(cache), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)["entries"]
-    assert [(r["entry"][:13], r["images"], r["state"]) for r in listed] == [("folder-all-16", 30, "ready"),
-                                                                            ("folder-all-32", 30, "ready")]
+    assert [(r["entry"][:13], r["images"], r["state"]) for r in listed] == [
+        ("folder-all-16", 30, "ready"), ("folder-all-32", 30, "ready"), ("folder-all-8-", 1, "old format")]
     assert listed[1]["bytes"] >= 30 * 32 * 32 * 3 and listed[1]["source"] == str(tmp_path / "p")
     assert main(["cache", "list", "--dir", str(cache)]) == 0
-    assert "2 entries" in capsys.readouterr().out
+    assert "3 entries" in capsys.readouterr().out
     with locked(cache / f"{listed[0]['entry']}.lock", "test"):
         assert main(["cache", "clear", "--dir", str(cache)]) == 0
     out = capsys.readouterr().out
-    assert "removed 1 entry" in out and f"kept {listed[0]['entry']}: another process is building it" in out
+    assert "removed 2 entries" in out and f"kept {listed[0]['entry']}: another process is building it" in out
     assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(listed[0]["entry"])) == \
         ["folder-all-16.npy", "notes.txt"]
 

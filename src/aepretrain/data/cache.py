@@ -1,4 +1,4 @@
-"""The cache of stores: each data set, split and size decoded once, verified, then mapped by every run.
+"""The cache of stores: each data set, split and size decoded once, then mapped by every run.
 
 An entry is ``NAME-KEY.npy`` (the pixels, see store.py) and ``NAME-KEY.json``: labels, names, skipped files, a
 digest per image and the pixel file's size and time. The key hashes the name, size and modification time of
@@ -42,7 +42,7 @@ from ..fileio import atomic_write, first_line
 from .base import Images, Labelled, Store
 from .store import Progress, allocate, decode_into, in_units, locked, unless_locked, verify_rows, write_chunks
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: XXH3 digests (2: SHA-1)
 SHOW_PROGRESS: ContextVar[bool] = ContextVar("show_progress", default=True)
 ENTRY_FILE = re.compile(r"^(?P<entry>.+-[0-9a-f]{20})\.(?P<kind>npy|json|lock|npz)$")
 TEMP_FILE = re.compile(r"^\.(?P<entry>.+-[0-9a-f]{20})\.(npy|json)\.\d+\.tmp$")
@@ -150,7 +150,11 @@ def _read_index(marker: Path) -> dict[str, Any]:
 
 
 def _build(entry: Entry, fill: Fill) -> None:
-    """Write the pixels (to a temporary file: allocate, fill, read back and check, rename), then the index."""
+    """Write the pixels (to a temporary file: allocate, fill, flush to disk, rename), then the index.
+
+    The digests are those of the pixels the decoders wrote, computed as they wrote them; the build is not read
+    back (right after writing, that would only read the page cache, not the disk). Any later change to the
+    file's size, time or inode makes :func:`read_entry` check every row against them."""
     for stale in entry.folder.glob(f".{entry.name}-{entry.key}.*.tmp"):
         stale.unlink()  # a killed build's: we hold the entry's lock, so no one is writing it
     for kind in ("json", "npy"):  # absent, or damaged: its room is better spent on the new one
@@ -162,9 +166,6 @@ def _build(entry: Entry, fill: Fill) -> None:
     def write(tmp: Path) -> None:
         meta.update(fill(tmp, progress))
         progress.close()
-        problem = verify_rows(tmp, np.array(meta["rows"], np.int64), meta["digests"])
-        if problem:
-            raise OSError(f"the store did not read back as written: {problem}")
 
     atomic_write(entry.file("npy"), write)
     meta["digests"] = [f"{d:016x}" for d in meta["digests"]]
@@ -263,7 +264,8 @@ def entries(folder: Path) -> list[dict[str, Any]]:
             images, source = (len(meta["rows"]), meta.get("source")) if meta else (None, None)
         except (OSError, ValueError, KeyError, TypeError):
             meta = None
-        state = "ready" if meta and "npy" in files else "old format" if "npz" in files else "unfinished"
+        old = "npz" in files or (meta is not None and meta.get("format") != FORMAT_VERSION)
+        state = "old format" if old else "ready" if meta and "npy" in files else "unfinished"
         rows.append({"entry": name, "images": images, "bytes": size, "state": state, "source": source,
                      "files": [str(p) for p in files.values()]})
     return rows

@@ -22,6 +22,7 @@ import os
 import shutil
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -36,6 +37,7 @@ from .images import decode
 
 CHUNK = 32  # files per decoding task: large enough to amortise the hand-over, small enough for a smooth bar
 VERIFY_BLOCK = 64 << 20  # bytes read at a time when checking rows against their digests
+FLUSH_EVERY = 0.5  # seconds between background flushes of a store being written
 
 
 def allocate(path: Path, shape: tuple[int, ...]) -> int:
@@ -131,7 +133,8 @@ def decode_into(path: Path, offset: int, files: list[Path], size: int, max_pixel
         finally:
             os.close(_TARGET.pop("fd"))
         return reasons, digests
-    with ProcessPoolExecutor(workers, initializer=_open_target, initargs=(str(path), offset, size, max_pixels)) as pool:
+    with flushing(path), ProcessPoolExecutor(workers, initializer=_open_target,
+                                             initargs=(str(path), offset, size, max_pixels)) as pool:
         pending = {pool.submit(_decode_chunk, job) for job in jobs[:4 * workers]}
         queued = iter(jobs[4 * workers:])  # a few tasks ahead per worker: the bar moves, memory stays flat
         while pending:
@@ -142,6 +145,35 @@ def decode_into(path: Path, offset: int, files: list[Path], size: int, max_pixel
                 if job is not None:
                     pending.add(pool.submit(_decode_chunk, job))
     return reasons, digests
+
+
+@contextmanager
+def flushing(path: Path) -> Iterator[None]:
+    """Flush ``path`` to disk in the background while the block writes it. Left alone, the kernel holds a store's
+    pages until the end (it starts writing only past a share of memory or after 30 s), and the closing flush
+    then waits for all of them while the decoders sit idle. A failed flush is raised when the block ends: its
+    error is reported once, so a later flush might not see it."""
+    fd = os.open(path, os.O_RDONLY)
+    stop, failed = threading.Event(), []
+
+    def flush() -> None:
+        while not stop.wait(FLUSH_EVERY):
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:
+                failed.append(exc)
+                return
+
+    thread = threading.Thread(target=flush, name="store-flush", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        os.close(fd)
+    if failed:
+        raise failed[0]
 
 
 def verify_rows(path: Path, rows: np.ndarray, digests: list[int] | np.ndarray) -> str | None:
