@@ -15,8 +15,9 @@ anonymous part (what the processes hold themselves; the rest is the page cache's
 among them, which the kernel drops under pressure), and the largest single-process resident set
 (``ru_maxrss``). Decode speed is the store's own summary line (decode, write with a digest per image, flush to
 disk, rename) against a bare Pillow loop (open, draft, RGB, resize; nothing kept) over the same files with the
-same number of processes, run right before and right after ``aepretrain data`` (this host's speed drifts: the
-ratio is to the mean of the two).
+same number of processes. This host's speed drifts by 10-20 % from one minute to the next, so each N alternates
+bare loop, build, bare loop, build, bare loop (``--rounds 2``, each build into an empty cache), and the ratio is
+of the means.
 
     python benchmarks/memory.py --sizes 2000,8000,32000 --work /tmp/aepretrain-memory
 
@@ -119,10 +120,23 @@ def bare_pillow_rate(files: list[Path]) -> float:
     return len(files) / (time.perf_counter() - started)
 
 
+def build_store(n: int, work: Path, image_size: int, env: dict[str, str]) -> dict[str, object]:
+    """``aepretrain data`` over the N photos into an empty cache: its memory, and the store's summary line."""
+    shutil.rmtree(Path(env["AEPRETRAIN_CACHE"]), ignore_errors=True)
+    data = measured([sys.executable, "-m", "aepretrain", "data", "--dataset", "folder", "--root",
+                     str(work / f"photos-{n}"), "--image-size", str(image_size), "--out", str(work / f"data-{n}")], env)
+    stored = re.search(r"stored (\d+) images of folder-all-\d+ \(([\d.]+ [MG]B).*\((\d+) images/s\)",
+                       str(data["stderr"]))
+    if data["rc"] != 0 or not stored:
+        sys.exit(f"data failed for N={n}:\n{str(data['stderr'])[-2000:]}")
+    return data | {"stored": int(stored.group(1)), "size": stored.group(2), "rate": int(stored.group(3))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="2000,8000,32000")
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=2, help="store builds per N, each between two bare loops")
     parser.add_argument("--work", default="/tmp/aepretrain-memory", help="folders, caches and runs go here")
     parser.add_argument("--keep", action="store_true", help="keep --work afterwards")
     args = parser.parse_args()
@@ -132,45 +146,43 @@ def main() -> None:
         for n in map(int, args.sizes.split(",")):
             files = photo_folder(work / f"photos-{n}", n)
             env = dict(os.environ, AEPRETRAIN_CACHE=str(work / f"cache-{n}"))
-            aepretrain = [sys.executable, "-m", "aepretrain"]
-            bare_before = bare_pillow_rate(files)
-            data = measured([*aepretrain, "data", "--dataset", "folder", "--root", str(work / f"photos-{n}"),
-                             "--image-size", str(args.image_size), "--out", str(work / f"data-{n}")], env)
-            stored = re.search(r"stored (\d+) images of folder-all-\d+ \(([\d.]+ [MG]B).*\((\d+) images/s\)",
-                               str(data["stderr"]))
-            bare_after = bare_pillow_rate(files)
-            run = measured([*aepretrain, "run", "--preset", "seed", "--smoke", "--quiet", "--dataset", "synthetic",
-                            "--image-size", str(args.image_size), "--pretrain-data", str(work / f"photos-{n}"),
-                            "--set", "probe.enabled=false", "--out", str(work / f"run-{n}"), "--overwrite"], env)
+            bare, builds = [bare_pillow_rate(files)], []
+            for _ in range(args.rounds):  # bare, build, bare, build, bare: this host's speed drifts
+                builds.append(build_store(n, work, args.image_size, env))
+                bare.append(bare_pillow_rate(files))
+            run = measured([sys.executable, "-m", "aepretrain", "run", "--preset", "seed", "--smoke", "--quiet",
+                            "--dataset", "synthetic", "--image-size", str(args.image_size), "--pretrain-data",
+                            str(work / f"photos-{n}"), "--set", "probe.enabled=false", "--out", str(work / f"run-{n}"),
+                            "--overwrite"], env)
+            if run["rc"] != 0:
+                print(f"run failed for N={n}:\n{str(run['stderr'])[-2000:]}", file=sys.stderr)
             metrics = json.loads((work / f"run-{n}" / "metrics.json").read_text()) if run["rc"] == 0 else {}
-            rows.append({"n": n, "stored": int(stored.group(1)) if stored else None,
-                         "store_size": stored.group(2) if stored else None,
-                         "data_rc": data["rc"], "data_seconds": data["seconds"],
-                         "data_peak_pss_mb": data["peak_pss_mb"], "data_peak_anon_mb": data["peak_anon_mb"],
-                         "data_max_rss_mb": data["max_rss_mb"], "decode_img_s": int(stored.group(3)) if stored else None,
-                         "bare_pillow_img_s": round((bare_before + bare_after) / 2),
-                         "bare_pillow_before_after": [round(bare_before), round(bare_after)], "run_rc": run["rc"], "run_seconds": run["seconds"],
-                         "run_peak_pss_mb": run["peak_pss_mb"], "run_peak_anon_mb": run["peak_anon_mb"],
-                         "run_max_rss_mb": run["max_rss_mb"],
+            decode = sum(int(b["rate"]) for b in builds) / len(builds)
+            rows.append({"n": n, "stored": builds[0]["stored"], "store_size": builds[0]["size"],
+                         "data_seconds": [b["seconds"] for b in builds],
+                         "data_peak_pss_mb": max(int(b["peak_pss_mb"]) for b in builds),
+                         "data_peak_anon_mb": max(int(b["peak_anon_mb"]) for b in builds),
+                         "data_max_rss_mb": max(int(b["max_rss_mb"]) for b in builds),
+                         "decode_img_s": [b["rate"] for b in builds], "bare_pillow_img_s": [round(b) for b in bare],
+                         "ratio": round(decode / (sum(bare) / len(bare)), 2),
+                         "run_rc": run["rc"], "run_seconds": run["seconds"], "run_peak_pss_mb": run["peak_pss_mb"],
+                         "run_peak_anon_mb": run["peak_anon_mb"], "run_max_rss_mb": run["max_rss_mb"],
                          "pretrain_images": metrics.get("pretrain", {}).get("images")})
-            for name, result in (("data", data), ("run", run)):
-                if result["rc"] != 0:
-                    print(f"{name} failed for N={n}:\n{str(result['stderr'])[-2000:]}", file=sys.stderr)
             print(json.dumps(rows[-1]), flush=True)
             shutil.rmtree(work / f"cache-{n}", ignore_errors=True)  # the next size starts from an empty cache
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print("\n| N | store | `data` s | `data` peak PSS MB (anonymous) | max RSS MB | decode img/s "
-          "| bare Pillow img/s (before, after) | ratio | `run --smoke` peak PSS MB (anonymous) | max RSS MB | pre-trained on |")
+    print("\n| N | store | `data` s | `data` peak PSS MB (anonymous) | max RSS MB | decode img/s, each build "
+          "| bare Pillow img/s, before, between, after | decode / bare (means) "
+          "| `run --smoke` peak PSS MB (anonymous) | max RSS MB | pre-trained on |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ratio = f"{r['decode_img_s'] / r['bare_pillow_img_s']:.2f}" if r["decode_img_s"] else "n/a"
-        print(f"| {r['n']:,} | {r['store_size']} | {r['data_seconds']} | {r['data_peak_pss_mb']} ({r['data_peak_anon_mb']}) "
-              f"| {r['data_max_rss_mb']} | {r['decode_img_s']} | {r['bare_pillow_img_s']} "
-              f"({', '.join(map(str, r['bare_pillow_before_after']))}) | {ratio} "
-              f"| {r['run_peak_pss_mb']} ({r['run_peak_anon_mb']}) | {r['run_max_rss_mb']} | {r['pretrain_images']} |")
-
+        print(f"| {r['n']:,} | {r['store_size']} | {', '.join(map(str, r['data_seconds']))} "
+              f"| {r['data_peak_pss_mb']} ({r['data_peak_anon_mb']}) | {r['data_max_rss_mb']} "
+              f"| {', '.join(map(str, r['decode_img_s']))} | {', '.join(map(str, r['bare_pillow_img_s']))} "
+              f"| **{r['ratio']:.2f}** | {r['run_peak_pss_mb']} ({r['run_peak_anon_mb']}) | {r['run_max_rss_mb']} "
+              f"| {r['pretrain_images']} |")
 
 if __name__ == "__main__":
     main()

@@ -50,7 +50,7 @@ def open_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size:
                 img.load()
                 if img.mode == "P":
                     img = img.convert("RGBA")  # palette transparency is only honoured through RGBA
-                return img.convert("RGB")
+                return img if img.mode == "RGB" else img.convert("RGB")  # loaded: usable once the file is closed
         except BadImage:
             raise
         except UnidentifiedImageError:
