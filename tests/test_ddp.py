@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from aepretrain.cli import main
+
 from .conftest import photo, tiny
 
 # 4 classes x 40: train 144 images, divisible by 2 processes x batch 8, so a split epoch sees exactly the images a
@@ -23,19 +27,24 @@ def samples_per_epoch(out: Path) -> dict[str, list[float]]:
     return seen | {arm: [row["samples"] for row in r["history"]] for arm, r in m["finetune"].items()}
 
 
-def test_ddp_on_two_cpu_processes_matches_one_process_in_samples_per_epoch(tmp_path: Path) -> None:
+def test_ddp_on_two_cpu_processes_matches_one_process_in_samples_per_epoch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     photos = tmp_path / "photos"
     photos.mkdir()
     for i in range(53):
         photo(i).save(photos / f"{i}.png")
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    for out, extra in ((single, []), (ddp, ["--devices", "2", "--strategy", "ddp"])):
-        env = dict(os.environ, AEPRETRAIN_CACHE=str(tmp_path / f"cache-{out.name}"))  # each run builds its own store
-        result = subprocess.run([sys.executable, "-m", "aepretrain", "run", "--out", str(out), *TINY, *extra,
-                                 "--pretrain-data", str(photos)], capture_output=True, text=True, timeout=400, env=env)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert len(re.findall(r"^stored 53 images of folder-all-16 ", result.stderr, re.M)) == 1, result.stderr[-3000:]
-        assert "waiting" not in result.stderr and "damaged" not in result.stderr
+    run = ["run", *TINY, "--pretrain-data", str(photos)]
+    monkeypatch.setenv("AEPRETRAIN_CACHE", str(tmp_path / "cache-single"))  # each run builds its own store
+    assert main([*run, "--out", str(single)]) == 0  # one process: this one
+    said = capsys.readouterr().err
+    env = dict(os.environ, AEPRETRAIN_CACHE=str(tmp_path / "cache-ddp"))
+    result = subprocess.run([sys.executable, "-m", "aepretrain", *run, "--out", str(ddp), "--devices", "2",
+                             "--strategy", "ddp"], capture_output=True, text=True, timeout=400, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stderr in (said, result.stderr):
+        assert len(re.findall(r"^stored 53 images of folder-all-16 ", stderr, re.M)) == 1, stderr[-3000:]
+        assert "waiting" not in stderr and "damaged" not in stderr
     assert len(list((tmp_path / "cache-ddp").glob("folder-all-16-*.npy"))) == 1
     seen = samples_per_epoch(single)
     assert seen == {"stage1": [48, 48], "stage2": [48, 48], "stage3": [48, 48], "pretrained": [144, 144],

@@ -128,12 +128,10 @@ def _resolve_args(args: argparse.Namespace) -> Any:
 
 def cmd_data(args: argparse.Namespace) -> None:
     from .data import prepare
-    from .pipeline import describe
 
     cfg = resolve_args(args)
-    bundle = prepare(cfg.data, cfg.seed)
-    grid = Path(args.out) / f"samples-{cfg.data.dataset}.png"
-    info = describe(bundle, grid)
+    info = prepare(cfg.data, cfg.seed).describe(Path(args.out) / f"samples-{cfg.data.dataset}.png")
+    grid = info["sample_grid"]
     if args.json:
         print(json.dumps(info, indent=2))
         return
@@ -447,10 +445,7 @@ def use_fast_allocator(args: argparse.Namespace) -> None:
     (15,000 page faults, +40 % time at 32 px on a Zen 3), which a long run's glibc has stopped doing."""
     if "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
         return
-    try:
-        cfg = resolve_args(args)
-    except UserError:
-        return  # the command itself reports the mistake
+    cfg = resolve_args(args)
     choice = os.environ.get("AEPRETRAIN_ALLOCATOR") or cfg.trainer.allocator
     small = cfg.data.image_size < 128 and args.command != "bench"
     if choice == "default" or (choice == "auto" and (small or cfg.trainer.device == "cuda")):
@@ -486,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run" and not args.out:
             args.out = f"runs/{args.preset or 'quick'}"
         check_flags(args)
+        if args.command in COMMAND_FLAGS:
+            resolve_args(args)  # a mistake in the settings is said at once, before torch and Lightning load
         if argv is None and args.command in TRAINING_COMMANDS:
             use_fast_allocator(args)
         if args.command in TRAINING_COMMANDS:

@@ -41,13 +41,6 @@ from .training import resolved_precision, set_threads
 from .transforms import pixels
 
 
-def describe(bundle: DataBundle, grid: Path | None) -> dict[str, Any]:
-    """What `aepretrain data` prints (``bundle.describe``), with a grid of sample images drawn at ``grid``."""
-    if grid is not None:
-        figures.sample_grid(bundle.train.images, bundle.train.labels, bundle.classes, grid)
-    return bundle.describe(grid)
-
-
 def _nhwc(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
@@ -96,7 +89,7 @@ def _start(cfg: Config, out: Path, resume: bool, overwrite: bool, adding_arm: bo
                 cfg = reconcile(cfg, saved, out)
         bundle = prepare(cfg.data, cfg.seed, progress=cfg.trainer.progress)
         labels_required(bundle)
-        write_json(out / "data.json", describe(bundle, out / "figures" / "samples.png" if main else None))
+        write_json(out / "data.json", bundle.describe(out / "figures" / "samples.png" if main else None))
         metrics = _metrics(out) | {
             "preset": cfg.preset, "seed": cfg.seed, "smoke": cfg.trainer.smoke,
             "precision": resolved_precision(cfg.trainer.precision, cfg.trainer.device),

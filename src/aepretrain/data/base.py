@@ -197,7 +197,12 @@ class DataBundle:
     notes: list[str] = field(default_factory=list)
 
     def describe(self, sample_grid: Path | None = None) -> dict[str, Any]:
-        """What `aepretrain data` prints: counts per split and class, image size, what was skipped and why."""
+        """What `aepretrain data` prints: counts per split and class, image size, what was skipped and why; with
+        a path, a grid of sample train images is drawn there."""
+        if sample_grid is not None:
+            from ..figures import sample_grid as draw  # matplotlib loads only when a grid is drawn
+
+            draw(self.train.images, self.train.labels, self.classes, sample_grid)
         return {
             "dataset": self.dataset, "root": self.root, "classes": self.classes, "class_ids": self.class_ids,
             "counts": self.counts(), "per_class": self.per_class(),
