@@ -133,17 +133,17 @@ def decode_into(path: Path, offset: int, files: list[Path], size: int, max_pixel
         finally:
             os.close(_TARGET.pop("fd"))
         return reasons, digests
-    with flushing(path), ProcessPoolExecutor(workers, initializer=_open_target,
-                                             initargs=(str(path), offset, size, max_pixels)) as pool:
-        pending = {pool.submit(_decode_chunk, job) for job in jobs[:4 * workers]}
+    with ProcessPoolExecutor(workers, initializer=_open_target, initargs=(str(path), offset, size, max_pixels)) as pool:
+        pending = {pool.submit(_decode_chunk, job) for job in jobs[:4 * workers]}  # forks the workers
         queued = iter(jobs[4 * workers:])  # a few tasks ahead per worker: the bar moves, memory stays flat
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                keep(future.result())
-                job = next(queued, None)
-                if job is not None:
-                    pending.add(pool.submit(_decode_chunk, job))
+        with flushing(path):  # its thread starts after the fork: a forked child gets no half-held lock of it
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    keep(future.result())
+                    job = next(queued, None)
+                    if job is not None:
+                        pending.add(pool.submit(_decode_chunk, job))
     return reasons, digests
 
 
