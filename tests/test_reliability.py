@@ -189,6 +189,15 @@ def test_nan_loss_stops_with_stage_epoch_step(tmp_path: Path, capsys: pytest.Cap
     assert "stage1: the loss became" in err and "at epoch" in err and "step" in err
 
 
+def test_a_mistake_in_the_settings_is_said_before_torch_loads() -> None:
+    """A typo should not wait for torch and Lightning (seconds on a small CPU) to be told it is one."""
+    script = ("import sys; from aepretrain.cli import main; rc = main(['run', '--preset', 'quick', '--set', "
+              "'finetune.epoch=3']); print(rc, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["2", "False"], result.stdout + result.stderr
+    assert "unknown setting 'finetune.epoch'" in result.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["run", "--image-size", "28"], "data.image_size 28 must be a multiple of 8"),
     (["run", "--device", "gpux"], "unknown device 'gpux'"),

@@ -423,7 +423,7 @@ def resolve(
 def shrink_for_smoke(cfg: Config) -> None:
     """One epoch of a few small batches on a small slice of the data: proves a preset runs end to end."""
     cfg.pretrain.epochs = cfg.finetune.epochs = 1
-    cfg.pretrain.batch_size = min(cfg.pretrain.batch_size, 4)  # BatchNorm needs more than one; speed, no more
+    cfg.pretrain.batch_size = min(cfg.pretrain.batch_size, 4)  # small, but more than BatchNorm's one
     cfg.finetune.batch_size = min(cfg.finetune.batch_size, 4)
     cfg.data.train_limit = min(cfg.data.train_limit or 96, 96)
     cfg.data.test_limit = min(cfg.data.test_limit or 16, 16)
