@@ -184,5 +184,6 @@ def main() -> None:
               f"| **{r['ratio']:.2f}** | {r['run_peak_pss_mb']} ({r['run_peak_anon_mb']}) | {r['run_max_rss_mb']} "
               f"| {r['pretrain_images']} |")
 
+
 if __name__ == "__main__":
     main()

@@ -14,12 +14,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AEPRETRAIN_SHARED", REPO.parent / "shared"))
 PETS_SAMPLE = SHARED / "data" / "oxford-pets-sample"
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+FASHION = DEBIAN_FASHION if DEBIAN_FASHION.is_dir() else SHARED / "data" / "fashion-mnist"
 
 
 def tiny(*settings: str) -> list[str]:
     """CLI arguments of a run in seconds (the `tiny` preset), with ``settings`` as KEY=VALUE overrides."""
     return ["--preset", "tiny", "--quiet", *(arg for kv in settings for arg in ("--set", kv))]
-FASHION = DEBIAN_FASHION if DEBIAN_FASHION.is_dir() else SHARED / "data" / "fashion-mnist"
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -214,8 +214,8 @@ def _coerce(value: Any, kind: Any, key: str, where: str) -> Any:
         if item is BlockSpec:
             if not isinstance(value, list):
                 raise UserError(f"{where}: {key} must be a list of blocks like {{channels: [64], kernel: 7}}")
-            if not all(isinstance(block, dict) for block in value):
-                bad = next(i for i, block in enumerate(value) if not isinstance(block, dict))
+            bad = next((i for i, block in enumerate(value) if not isinstance(block, dict)), None)
+            if bad is not None:
                 raise UserError(f"{where}: {key}[{bad}] must be a mapping with channels and kernel")
             return [_merge(BlockSpec([1]), block, f"{key}[{i}]", where) for i, block in enumerate(value)]
         if not isinstance(value, list):
