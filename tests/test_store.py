@@ -215,7 +215,9 @@ def test_cache_list_and_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     (cache / "folder-all-16.npy").write_bytes(b"not ours either: no key")
     older = cache / f"folder-all-8-{'0' * 20}"  # an older aepretrain's store: no longer read, still listed
     older.with_suffix(".npy").write_bytes(b"\0" * 192)
-    older.with_suffix(".json").write_text(json.dumps({"format": 2, "rows": [0], "source": "elsewhere"}))
+    older.with_suffix(".json").write_text(json.dumps({"format": 2, "shape": [1, 8, 8, 3], "rows": [0], "labels": [0],
+                                                      "names": ["a"], "digests": ["0" * 16], "skipped": [],
+                                                      "stat": [192, 0, 0], "source": "elsewhere"}))
     capsys.readouterr()
     assert main(["cache", "list", "--dir", str(cache), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)["entries"]

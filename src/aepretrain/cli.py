@@ -271,25 +271,35 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
-    from .data.cache import cache_root, clear, entries
+    from .data.cache import cache_root, clear, entries, verify
     from .data.store import in_units
+
+    def count(rows: list) -> str:
+        return f"{len(rows)} entr{'y' if len(rows) == 1 else 'ies'}"
 
     folder = cache_root(args.dir)
     if args.action == "clear":
         removed, busy = clear(folder)
-        print(f"removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} from {folder}, "
-              f"{in_units(sum(r['bytes'] for r in removed))} freed")
+        print(f"removed {count(removed)} from {folder}, {in_units(sum(r['bytes'] for r in removed))} freed")
         for name in busy:
             print(f"  kept {name}: another process is building it")
         return
-    rows = entries(folder)
+    rows = verify(folder) if args.action == "verify" else entries(folder)
     if args.json:
         print(json.dumps({"folder": str(folder), "entries": rows}, indent=2))
-        return
-    print(f"{folder}: {len(rows)} entr{'y' if len(rows) == 1 else 'ies'}, {in_units(sum(r['bytes'] for r in rows))}")
-    for r in rows:
-        images = "" if r["images"] is None else f"{r['images']} images"
-        print(f"  {r['entry']:<48} {in_units(r['bytes']):>10} {images:>15}  {r['state']:<10} {r['source'] or ''}")
+    elif args.action == "verify":
+        outcomes = [r["outcome"] for r in rows]
+        print(f"{folder}: checked {count(rows)}: {outcomes.count('ok')} ok, {outcomes.count('removed')} removed, "
+              f"{outcomes.count('kept')} kept")
+        for r in rows:
+            said = {"ok": f", {r['images']} images", "kept": f": {r['reason']}",
+                    "removed": f": {r['reason']}; the next run that uses it builds it again"}[r["outcome"]]
+            print(f"  {r['outcome']:<8} {r['entry']}{said}")
+    else:
+        print(f"{folder}: {count(rows)}, {in_units(sum(r['bytes'] for r in rows))}")
+        for r in rows:
+            images = "" if r["images"] is None else f"{r['images']} images"
+            print(f"  {r['entry']:<48} {in_units(r['bytes']):>10} {images:>15}  {r['state']:<10} {r['source'] or ''}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -404,11 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objectives", help="comma-separated pre-training objectives to compare with scratch")
     p.set_defaults(handler=cmd_study)
 
-    p = sub.add_parser("cache", help="list the decoded data stores in the cache with their sizes, or clear them")
-    p.add_argument("action", choices=["list", "clear"])
+    p = sub.add_parser("cache", help="list the decoded data stores in the cache with their sizes, check every image "
+                       "of them against its checksum (removing those that fail), or clear them")
+    p.add_argument("action", choices=["list", "verify", "clear"])
     p.add_argument("--dir", metavar="DIR", help="the cache folder (default: $AEPRETRAIN_CACHE, else "
                    "$XDG_CACHE_HOME/aepretrain or ~/.cache/aepretrain)")
-    p.add_argument("--json", action="store_true", help="print JSON (list)")
+    p.add_argument("--json", action="store_true", help="print JSON (list, verify)")
     p.set_defaults(handler=cmd_cache)
 
     p = sub.add_parser("report", help="rebuild report.md and report.html from a run folder")
