@@ -58,9 +58,40 @@ def _seeded(cfg: Config, seed: int, objective: str | None = None) -> Config:
     return c
 
 
-def _encoder(cfg: Config, bundle: DataBundle, out: Path) -> Encoder:
+WHOLE_ENCODER = ("end-to-end",)  # objectives that train every block at once, not one stage at a time
+
+
+def _budgeted(cfg: Config, objective: str) -> Config:
+    """Every objective gets the same image-passes: a greedy objective trains each of its stages
+    ``pretrain.epochs`` epochs, one that trains the whole encoder at once as many epochs as all stages together."""
+    c = copy.deepcopy(cfg)
+    if objective in WHOLE_ENCODER:
+        c.pretrain.epochs *= len(cfg.model.blocks)
+    return c
+
+
+def _encoder(cfg: Config, bundle: DataBundle, out: Path) -> tuple[Encoder, dict[str, Any]]:
+    """The objective's encoder for this seed (pre-trained once, restored after), and what its pre-training cost."""
     images, val, _ = pretrain_images(cfg, bundle)
-    return pretrain(cfg, bundle, out, resume=True, images=(images, val)).encoder
+    result = pretrain(cfg, bundle, out, resume=True, images=(images, val))
+    passes = sum(int(row.get("samples", 0)) for stage in result.stages for row in stage.history)
+    return result.encoder, {"seed": cfg.seed, "objective": cfg.pretrain.objective, "images": len(images),
+                            "epochs": sum(len(stage.history) for stage in result.stages), "image_passes": passes,
+                            "seconds": round(sum(stage.seconds for stage in result.stages), 2)}
+
+
+VAL_SHARE = 0.2  # validation takes at most about this share of a cell's time ...
+PASS_COST = 3  # ... counting a training image as about three inference passes (forward, backward, augmentation)
+
+
+def val_every(train_images: int, val_images: int) -> int:
+    """Validate every this many epochs (``train_images`` an epoch) so that validation takes at most about
+    ``VAL_SHARE`` of a cell's time: a 1 % cell that trains 2 batches an epoch validates every few epochs.
+
+    >>> val_every(256, 1000), val_every(2688, 1000), val_every(27000, 1000)
+    (6, 1, 1)
+    """
+    return max(1, math.ceil(val_images * (1 - VAL_SHARE) / (VAL_SHARE * PASS_COST * max(train_images, 1))))
 
 
 # Student's t, 0.975 quantile, for 1..30 degrees of freedom (beyond: the Cornish-Fisher expansion below).
@@ -107,29 +138,48 @@ def verdict(low: float | None, high: float | None, pairs: int) -> str:
     return "helped" if low > 0 else "hurt" if high < 0 else "made no clear difference"
 
 
-def summarize_cells(cells: list[dict[str, Any]], objectives: list[str]) -> list[dict[str, Any]]:
-    """Mean and spread per fraction and arm, and each objective's paired difference from scratch with its
-    95 % interval over seeds."""
+def summarize_cells(cells: list[dict[str, Any]], objectives: list[str],
+                    pretraining: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """Mean and spread per fraction and arm; each objective's paired difference from scratch in test accuracy
+    and in optimizer steps to the target, each with its 95 % interval over seeds; what pre-training cost."""
     rows = []
     for fraction in sorted({c["fraction"] for c in cells}):
         here = [c for c in cells if c["fraction"] == fraction]
-        scratch = {c["seed"]: c["test_accuracy"] for c in here if c["arm"] == "scratch"}
+        scratch = {c["seed"]: c for c in here if c["arm"] == "scratch"}
         for arm in ["scratch", *objectives]:
-            acc = {c["seed"]: c["test_accuracy"] for c in here if c["arm"] == arm}
-            if not acc:
+            mine = {c["seed"]: c for c in here if c["arm"] == arm}
+            if not mine:
                 continue
-            values = np.array(list(acc.values()))
-            mine = [c for c in here if c["arm"] == arm]
+            values = np.array([c["test_accuracy"] for c in mine.values()])
+            first = next(iter(mine.values()))
             row = {"fraction": fraction, "arm": arm, "seeds": len(values), "mean": float(values.mean()),
                    "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                   "labelled": here[0]["labelled"], "epochs": sorted({c["epochs"] for c in mine}),
-                   "steps": sorted({c["steps"] for c in mine})}
-            paired = [acc[s] - scratch[s] for s in acc if s in scratch]
+                   "labelled": first["labelled"], "labelled_per_class": first.get("labelled_per_class"),
+                   "ratio": first.get("ratio"), "epochs": sorted({c["epochs"] for c in mine.values()}),
+                   "steps": sorted({c["steps"] for c in mine.values()})}
+            paired = [mine[s]["test_accuracy"] - scratch[s]["test_accuracy"] for s in mine if s in scratch]
             if arm != "scratch" and paired:
                 gain, low, high = paired_interval(paired)
                 row |= {"gain": gain, "gain_low": low, "gain_high": high, "verdict": verdict(low, high, len(paired))}
+                row |= _steps_to_target(mine, scratch)
+                cost = [p["seconds"] for p in pretraining if p["objective"] == arm and p["seed"] in mine]
+                row["pretrain_seconds"] = float(np.mean(cost)) if cost else None
             rows.append(row)
     return rows
+
+
+def _steps_to_target(mine: dict[int, dict[str, Any]], scratch: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Optimizer steps (and epochs) to the target: the objective's minus scratch's, paired over the seeds where
+    both reached it, with its 95 % interval (negative: pre-training got there sooner)."""
+    both = [s for s in mine if s in scratch and mine[s].get("steps_to_target") is not None
+            and scratch[s].get("steps_to_target") is not None]
+    steps = [mine[s]["steps_to_target"] - scratch[s]["steps_to_target"] for s in both]
+    epochs = [mine[s]["epochs_to_target"] - scratch[s]["epochs_to_target"] for s in both]
+    if not both:
+        return {"reached": 0}
+    mean, low, high = paired_interval(steps)
+    return {"reached": len(both), "steps_difference": mean, "steps_low": low, "steps_high": high,
+            "epochs_difference": float(np.mean(epochs))}
 
 
 IGNORED_ON_RESUME = {"trainer.progress"}  # changes no number
@@ -177,8 +227,10 @@ def _study(cfg: Config, out: Path) -> dict[str, Any]:
     if s.val_limit is not None and s.val_limit < len(bundle.val):
         keep = stratified_subset(bundle.val.labels, s.val_limit, derive_seed(cfg.seed, "val-limit"))
         bundle = dataclasses.replace(bundle, val=bundle.val.take(keep))
+    pretrained = {(p["seed"], p["objective"]) for p in record.setdefault("pretraining", [])}
     for seed in range(cfg.seed, cfg.seed + s.seeds):
         subsets = nested_fractions(bundle.train.labels, fractions, seed)
+        unlabelled = len(pretrain_images(_seeded(cfg, seed), bundle)[0])  # the same images for every objective
         encoders: dict[str, Encoder] = {}
         for fraction in fractions:
             labelled = dataclasses.replace(bundle, train=bundle.train.take(subsets[fraction]))
@@ -186,8 +238,13 @@ def _study(cfg: Config, out: Path) -> dict[str, Any]:
                 if (fraction, arm, seed) in done:
                     continue
                 if arm != "scratch" and arm not in encoders:
-                    encoders[arm] = _encoder(_seeded(cfg, seed, arm), bundle, out / "pretrain" / f"{arm}-seed{seed}")
-                record["cells"].append(_cell(cfg, labelled, out, fraction, arm, seed, encoders.get(arm)))
+                    encoders[arm], cost = _encoder(_budgeted(_seeded(cfg, seed, arm), arm), bundle,
+                                                   out / "pretrain" / f"{arm}-seed{seed}")
+                    if (seed, arm) not in pretrained:
+                        record["pretraining"].append(cost)
+                        pretrained.add((seed, arm))
+                cell = _cell(cfg, labelled, out, fraction, arm, seed, encoders.get(arm))
+                record["cells"].append(cell | {"pretrain_images": unlabelled, "ratio": unlabelled / cell["labelled"]})
                 write_json(out / "study.json", record)
     return _finish(cfg, out, record, objectives)
 
@@ -197,19 +254,25 @@ def _cell(cfg: Config, labelled: DataBundle, out: Path, fraction: float, arm: st
     """One arm fine-tuned on one labelled fraction with one seed, tested; every arm of a cell has the same budget:
     ``study.epochs``, more where the fraction is too small for ``study.min_steps`` optimizer steps."""
     c = _seeded(cfg, seed)
-    per_epoch = batches_per_epoch(len(labelled.train), cfg.finetune.batch_size, drop_last=True)
-    c.finetune.epochs = max(cfg.study.epochs, math.ceil(cfg.study.min_steps / per_epoch))
+    batch = cfg.finetune.batch_size
+    per_epoch = batches_per_epoch(len(labelled.train), batch, drop_last=True)
+    every = val_every(per_epoch * batch, len(labelled.val))
+    epochs = max(cfg.study.epochs, math.ceil(cfg.study.min_steps / per_epoch))
+    c.finetune.epochs = math.ceil(epochs / every) * every  # the last epoch is validated too
     if cfg.trainer.smoke:  # Lightning runs two batches an epoch, so the budget above is not what runs
-        c.finetune.epochs = 1
+        c.finetune.epochs, every = 1, 1
     c.finetune.early_stopping_patience = None  # every cell trains its whole budget
     folder = out / "cells" / f"f{fraction:g}-{arm}-seed{seed}"
-    result = finetune(c, labelled, folder, "scratch" if arm == "scratch" else "pretrained", encoder, resume=True)
+    result = finetune(c, labelled, folder, "scratch" if arm == "scratch" else "pretrained", encoder, resume=True,
+                      val_every=every)
     scores, history = evaluate(result.classifier, labelled.test, labelled.classes), result.record.history
+    validating = sum(row.get("val_seconds", 0.0) for row in history)
     return {"fraction": fraction, "arm": arm, "seed": seed, "labelled": len(labelled.train),
-            "epochs": len(history), "steps": int(history[-1]["step"]) if history else 0,
+            "labelled_per_class": len(labelled.train) / max(len(labelled.classes), 1),
+            "epochs": len(history), "steps": int(history[-1]["step"]) if history else 0, "val_every": every,
             "test_accuracy": scores["test_accuracy"], "test_loss": scores["test_loss"],
             "best_val_accuracy": result.record.summary["best_val_accuracy"], "history": history,
-            "seconds": result.record.seconds}
+            "seconds": result.record.seconds, "val_share": validating / max(result.record.seconds, 1e-9)}
 
 
 def _finish(cfg: Config, out: Path, record: dict[str, Any], objectives: list[str]) -> dict[str, Any]:
@@ -221,13 +284,16 @@ def _finish(cfg: Config, out: Path, record: dict[str, Any], objectives: list[str
                        (c["fraction"], c["seed"], "scratch"))
         c["target"] = cfg.finetune.target_fraction * scratch["best_val_accuracy"]
         c["epochs_to_target"] = epochs_to_target(c["history"], c["target"])
-    record["summary"] = summarize_cells(record["cells"], objectives)
+        c["steps_to_target"] = next((int(row["step"]) for row in c["history"]
+                                     if row["epoch"] == c["epochs_to_target"]), None)
+    record["summary"] = summarize_cells(record["cells"], objectives, record.get("pretraining", []))
     write_json(out / "study.json", record)
     if not is_global_zero():
         return record
     with open(out / "study.csv", "w", newline="") as f:
-        keys = ["fraction", "labelled", "arm", "seed", "epochs", "steps", "test_accuracy", "test_loss", "best_val_accuracy",
-                "epochs_to_target", "seconds"]
+        keys = ["fraction", "labelled", "labelled_per_class", "pretrain_images", "ratio", "arm", "seed", "epochs",
+                "steps", "val_every", "test_accuracy", "test_loss", "best_val_accuracy", "epochs_to_target",
+                "steps_to_target", "seconds", "val_share"]
         writer = csv.DictWriter(f, keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(record["cells"])
