@@ -23,6 +23,7 @@ import csv
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,12 @@ from .data import DataBundle, labels_required, prepare, pretrain_images
 from .data.loading import batches_per_epoch
 from .data.splits import stratified_subset
 from .errors import UserError
+from .checkpoints import load_stage_encoder
 from .evaluate import evaluate
-from .fileio import is_global_zero, write_json
+from .fileio import first_line, is_global_zero, write_json
 from .finetune import epochs_to_target, finetune
 from .models import Encoder
-from .pretrain import pretrain
+from .pretrain import pretrain, stage_path
 from .runfolder import run_folder
 from .seeds import derive_seed, numpy_generator
 from .training import set_threads
@@ -70,14 +72,39 @@ def _budgeted(cfg: Config, objective: str) -> Config:
     return c
 
 
-def _encoder(cfg: Config, bundle: DataBundle, out: Path) -> tuple[Encoder, dict[str, Any]]:
-    """The objective's encoder for this seed (pre-trained once, restored after), and what its pre-training cost."""
-    images, val, _ = pretrain_images(cfg, bundle)
-    result = pretrain(cfg, bundle, out, resume=True, images=(images, val))
+def pretrain_folder(out: Path, objective: str, seed: int) -> Path:
+    return out / "pretrain" / f"{objective}-seed{seed}"
+
+
+def run_pretraining(cfg: Config, out: Path, objective: str, seed: int) -> dict[str, Any]:
+    """Pre-train ``objective`` for ``seed`` into the study folder (restored, not trained again, when it finished
+    before); what it cost. A task of its own: any engine may run it, in any process."""
+    c = _budgeted(_seeded(cfg, seed, objective), objective)
+    bundle = study_data(cfg)
+    images, val, _ = pretrain_images(c, bundle)
+    result = pretrain(c, bundle, pretrain_folder(out, objective, seed), resume=True, images=(images, val))
     passes = sum(int(row.get("samples", 0)) for stage in result.stages for row in stage.history)
-    return result.encoder, {"seed": cfg.seed, "objective": cfg.pretrain.objective, "images": len(images),
-                            "epochs": sum(len(stage.history) for stage in result.stages), "image_passes": passes,
-                            "seconds": round(sum(stage.seconds for stage in result.stages), 2)}
+    return {"seed": seed, "objective": objective, "images": len(images),
+            "epochs": sum(len(stage.history) for stage in result.stages), "image_passes": passes,
+            "seconds": round(sum(stage.seconds for stage in result.stages), 2)}
+
+
+_DATA: dict[str, DataBundle] = {}  # a process's prepared study data, by its settings: cells of one study share it
+
+
+def study_data(cfg: Config) -> DataBundle:
+    """The labelled data every cell shares: splits from the base seed, validation cut to ``study.val_limit``."""
+    key = json.dumps([dataclasses.asdict(cfg.data), cfg.seed, cfg.study.val_limit])
+    if key not in _DATA:
+        bundle = prepare(cfg.data, cfg.seed)
+        labels_required(bundle)
+        limit = cfg.study.val_limit
+        if limit is not None and limit < len(bundle.val):
+            keep = stratified_subset(bundle.val.labels, limit, derive_seed(cfg.seed, "val-limit"))
+            bundle = dataclasses.replace(bundle, val=bundle.val.take(keep))
+        _DATA.clear()  # one study at a time in a process: the mapped stores of an earlier one go
+        _DATA[key] = bundle
+    return _DATA[key]
 
 
 VAL_SHARE = 0.2  # validation takes at most about this share of a cell's time ...
@@ -182,7 +209,8 @@ def _steps_to_target(mine: dict[int, dict[str, Any]], scratch: dict[int, dict[st
             "epochs_difference": float(np.mean(epochs))}
 
 
-IGNORED_ON_RESUME = {"trainer.progress"}  # changes no number
+# change no number (the engine and its resources change the thread count of a task: results differ in the last bits)
+IGNORED_ON_RESUME = {"trainer.progress", "study.engine", "study.address", "study.task_cpus", "study.task_gpus"}
 
 
 def _open_study(cfg: Config, out: Path) -> dict[str, Any]:
@@ -218,35 +246,94 @@ def study(cfg: Config, out: str | Path, overwrite: bool = False) -> dict[str, An
 
 def _study(cfg: Config, out: Path) -> dict[str, Any]:
     s = cfg.study
-    fractions, objectives = sorted(s.label_fractions), list(s.objectives)
+    objectives = list(s.objectives)
     record = _open_study(cfg, out)
+    record.setdefault("pretraining", [])
     done = {(c["fraction"], c["arm"], c["seed"]) for c in record["cells"]}
+    pretrained = {(p["objective"], p["seed"]) for p in record["pretraining"]}
     set_threads()
-    bundle = prepare(cfg.data, cfg.seed)
-    labels_required(bundle)
-    if s.val_limit is not None and s.val_limit < len(bundle.val):
-        keep = stratified_subset(bundle.val.labels, s.val_limit, derive_seed(cfg.seed, "val-limit"))
-        bundle = dataclasses.replace(bundle, val=bundle.val.take(keep))
-    pretrained = {(p["seed"], p["objective"]) for p in record.setdefault("pretraining", [])}
-    for seed in range(cfg.seed, cfg.seed + s.seeds):
-        subsets = nested_fractions(bundle.train.labels, fractions, seed)
-        unlabelled = len(pretrain_images(_seeded(cfg, seed), bundle)[0])  # the same images for every objective
-        encoders: dict[str, Encoder] = {}
-        for fraction in fractions:
-            labelled = dataclasses.replace(bundle, train=bundle.train.take(subsets[fraction]))
-            for arm in ["scratch", *objectives]:
-                if (fraction, arm, seed) in done:
-                    continue
-                if arm != "scratch" and arm not in encoders:
-                    encoders[arm], cost = _encoder(_budgeted(_seeded(cfg, seed, arm), arm), bundle,
-                                                   out / "pretrain" / f"{arm}-seed{seed}")
-                    if (seed, arm) not in pretrained:
-                        record["pretraining"].append(cost)
-                        pretrained.add((seed, arm))
-                cell = _cell(cfg, labelled, out, fraction, arm, seed, encoders.get(arm))
-                record["cells"].append(cell | {"pretrain_images": unlabelled, "ratio": unlabelled / cell["labelled"]})
-                write_json(out / "study.json", record)
+    study_data(cfg)  # a mistake in the data is said before any task starts
+    seeds = range(cfg.seed, cfg.seed + s.seeds)
+    pretrainings = [(objective, seed) for seed in seeds for objective in objectives if (objective, seed) not in pretrained]
+    cells = [(fraction, arm, seed) for seed in seeds for fraction in sorted(s.label_fractions)
+             for arm in ["scratch", *objectives] if (fraction, arm, seed) not in done]
+
+    def keep(kind: str, result: dict[str, Any]) -> None:
+        record["pretraining" if kind == "pretraining" else "cells"].append(result)
+        write_json(out / "study.json", record)
+
+    engine = serial_engine if s.engine == "serial" else ray_engine
+    engine(cfg, out, pretrainings, cells, keep)
     return _finish(cfg, out, record, objectives)
+
+
+def serial_engine(cfg: Config, out: Path, pretrainings: list[tuple[str, int]], cells: list[tuple[float, str, int]],
+                  keep: Callable[[str, dict[str, Any]], None]) -> None:
+    """Every task in this process, one after another: a seed's pre-trainings, then its cells."""
+    for seed in dict.fromkeys(seed for *_, seed in [*pretrainings, *cells]):
+        for objective, _ in (p for p in pretrainings if p[1] == seed):
+            keep("pretraining", run_pretraining(cfg, out, objective, seed))
+        for fraction, arm, _ in (c for c in cells if c[2] == seed):
+            keep("cell", run_cell(cfg, out, fraction, arm, seed))
+
+
+def ray_engine(cfg: Config, out: Path, pretrainings: list[tuple[str, int]], cells: list[tuple[float, str, int]],
+               keep: Callable[[str, dict[str, Any]], None]) -> None:
+    """The tasks on Ray (``study.address``: a running cluster, or none to start one on this machine), each with
+    ``study.task_cpus`` CPUs and ``study.task_gpus`` GPUs; a cell waits for its objective's pre-training. The
+    tasks write their checkpoints into the study folder (a folder every node shares); their results come back
+    here, where study.json is written as each one ends."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError("study.engine=ray needs Ray: pip install 'aepretrain[ray]'") from None
+    s = cfg.study
+    ours = not ray.is_initialized()
+    if ours:
+        ray.init(address=s.address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    threads = {"OMP_NUM_THREADS": str(max(1, int(s.task_cpus)))}  # a task's threads: its share of the cores
+    options = {"num_cpus": s.task_cpus, "num_gpus": s.task_gpus, "max_retries": 0,
+               "runtime_env": {"env_vars": threads}}
+    pretrain_task = ray.remote(run_pretraining).options(**options)
+    cell_task = ray.remote(_cell_after).options(**options)
+    needed = {(objective, seed) for _, objective, seed in cells if objective != "scratch"}
+    waiting = {pretrain_task.remote(cfg, out, objective, seed): "pretraining" for objective, seed in pretrainings}
+    started = {key: ref for ref, key in zip(waiting, pretrainings)}
+    for objective, seed in needed - set(started):  # finished before: restored inside the cell's task
+        started[(objective, seed)] = None
+    for fraction, arm, seed in cells:
+        after = started.get((arm, seed))
+        waiting[cell_task.remote(cfg, out, fraction, arm, seed, after)] = "cell"
+    try:
+        while waiting:
+            ready, _ = ray.wait(list(waiting), num_returns=1)
+            kind = waiting.pop(ready[0])
+            keep(kind, ray.get(ready[0]))
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
+        raise UserError(f"a study task failed on Ray: {first_line(cause)}") from None
+    finally:
+        if ours:
+            ray.shutdown()
+
+
+def _cell_after(cfg: Config, out: Path, fraction: float, arm: str, seed: int, pretraining: Any) -> dict[str, Any]:
+    """A cell, once Ray has finished the pre-training it depends on (passed in only to say so)."""
+    return run_cell(cfg, out, fraction, arm, seed)
+
+
+def run_cell(cfg: Config, out: Path, fraction: float, arm: str, seed: int) -> dict[str, Any]:
+    """One arm fine-tuned on one labelled fraction with one seed, from its objective's pre-trained encoder; a
+    task of its own, as :func:`run_pretraining`."""
+    bundle = study_data(cfg)
+    subset = nested_fractions(bundle.train.labels, sorted(cfg.study.label_fractions), seed)[fraction]
+    labelled = dataclasses.replace(bundle, train=bundle.train.take(subset))
+    encoder = None
+    if arm != "scratch":
+        encoder = load_stage_encoder(stage_path(pretrain_folder(out, arm, seed), len(cfg.model.blocks)))[0]
+    cell = _cell(cfg, labelled, out, fraction, arm, seed, encoder)
+    unlabelled = len(pretrain_images(_seeded(cfg, seed), bundle)[0])  # the same images for every objective
+    return cell | {"pretrain_images": unlabelled, "ratio": unlabelled / max(cell["labelled"], 1)}
 
 
 def _cell(cfg: Config, labelled: DataBundle, out: Path, fraction: float, arm: str, seed: int,
