@@ -197,7 +197,10 @@ def last_checkpoint(out: Path, name: str, resume: bool) -> Path | None:
 
 
 def set_threads() -> None:
-    """Use every core for intra-op work; Lightning and PyTorch defaults can leave some idle."""
+    """Use every core for intra-op work (Lightning and PyTorch defaults can leave some idle), unless
+    ``OMP_NUM_THREADS`` says how many: a user's choice, or a launcher's that runs several processes a machine."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if torch.get_num_threads() != cores:
-        torch.set_num_threads(cores)
+    wanted = os.environ.get("OMP_NUM_THREADS", "")
+    threads = int(wanted) if wanted.isdigit() and int(wanted) > 0 else cores
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
