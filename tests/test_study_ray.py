@@ -15,7 +15,7 @@ from .conftest import tiny
 
 pytest.importorskip("ray", reason="Ray is an extra: pip install -e '.[ray]'")
 
-VARIES = ("seconds", "val_seconds", "val_share")
+VARIES = ("seconds", "val_seconds", "val_share", "pretrain_seconds")
 
 
 def results(out: Path) -> dict:
@@ -32,7 +32,7 @@ def results(out: Path) -> dict:
 def test_the_grid_on_ray_equals_the_serial_engine(tmp_path: Path) -> None:
     """The serial run is a process of its own with one thread, as each Ray task of 1 CPU is: oneDNN chooses its
     kernels by the threads a process starts with, and a kernel's sums in another order differ in the last bits."""
-    grid = ["study", *tiny(), "--label-fractions", "0.5,1", "--seeds", "2", "--objectives", "greedy",
+    grid = ["study", *tiny(), "--label-fractions", "1", "--seeds", "2", "--objectives", "greedy",
             "--set", "study.epochs=1", "--set", "study.min_steps=2", "--set", "study.val_limit=null"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     serial = subprocess.run([sys.executable, "-m", "aepretrain", *grid, "--out", str(tmp_path / "serial")], env=env,
@@ -40,7 +40,7 @@ def test_the_grid_on_ray_equals_the_serial_engine(tmp_path: Path) -> None:
     assert serial.returncode == 0, serial.stderr[-3000:]
     assert main([*grid, "--out", str(tmp_path / "ray"), "--engine", "ray"]) == 0
     on_ray = results(tmp_path / "ray")
-    assert len(on_ray["cells"]) == 2 * 2 * 2 and len(on_ray["pretraining"]) == 2
+    assert len(on_ray["cells"]) == 2 * 2 and len(on_ray["pretraining"]) == 2
     assert on_ray == results(tmp_path / "serial")
     assert (tmp_path / "ray" / "study.md").is_file()
     finished = {p: p.stat().st_mtime_ns for p in (tmp_path / "ray").rglob("*.safetensors")}
