@@ -25,6 +25,8 @@ from .seeds import derive_seed
 
 class History(Callback):
     """Per-epoch metrics and seconds, as plain floats, kept in the checkpoint so a resumed run has them all.
+    An epoch without validation (a fit that validates every few epochs) has no ``val_`` values of its own: the
+    last validation's are not repeated. ``val_seconds`` is the part of an epoch's seconds spent validating.
 
     It also reseeds the global random generator at the start of each epoch from (seed, epoch), so
     augmentation and dropout draw the same numbers in a resumed run as in an unbroken one.
@@ -34,16 +36,28 @@ class History(Callback):
         self.seed = seed
         self.epochs: list[dict[str, float]] = []
         self.resumed_from: int | None = None
-        self._started = 0.0
+        self._started = self._validating = 0.0
+        self._val_seconds: float | None = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         torch.manual_seed(derive_seed(self.seed, "epoch-draws", trainer.current_epoch) + trainer.global_rank)
-        self._started = time.perf_counter()
+        self._started, self._val_seconds = time.perf_counter(), None
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._validating = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._val_seconds = time.perf_counter() - self._validating
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        validated = self._val_seconds is not None
         row = {"epoch": trainer.current_epoch + 1, "step": trainer.global_step,
                "seconds": round(time.perf_counter() - self._started, 3)}
-        row |= {k: float(v) for k, v in trainer.callback_metrics.items() if not k.endswith("_step")}
+        if validated:
+            row["val_seconds"] = round(self._val_seconds, 3)
+        row |= {k: float(v) for k, v in trainer.callback_metrics.items()
+                if not k.endswith("_step") and (validated or not k.startswith("val_"))}
         self.epochs.append({k.removesuffix("_epoch"): v for k, v in row.items()})
 
     def state_dict(self) -> dict[str, Any]:

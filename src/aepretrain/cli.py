@@ -20,7 +20,7 @@ COMMON = {  # flag -> dotted setting
     "dataset": "data.dataset", "root": "data.root", "seed": "seed", "precision": "trainer.precision",
     "device": "trainer.device", "devices": "trainer.devices", "num_nodes": "trainer.num_nodes",
     "strategy": "trainer.strategy", "image_size": "data.image_size", "objective": "pretrain.objective",
-    "seeds": "study.seeds",
+    "seeds": "study.seeds", "engine": "study.engine", "address": "study.address",
 }
 
 
@@ -44,6 +44,9 @@ SETTING_FLAGS: dict[str, dict[str, Any]] = {  # every flag that sets a setting; 
     "smoke": {"action": "store_true", "default": None,
               "help": "one epoch of a few small batches: proves the preset runs end to end"},
     "quiet": {"action": "store_true", "help": "no progress bars"},
+    "engine": {"help": "serial (default: every task in this process) or ray (tasks on a Ray cluster)"},
+    "address": {"metavar": "auto|HOST:PORT", "help": "with --engine ray: a running Ray cluster (default: start one "
+                "on this machine)"},
 }
 _FILES, _DATA = "preset config set", "dataset root image-size"
 _TRAINING = "seed precision device devices num-nodes strategy smoke quiet"
@@ -51,7 +54,7 @@ COMMAND_FLAGS = {  # a command accepts only the flags it uses
     "run": f"{_FILES} {_DATA} {_TRAINING} objective pretrain-data",
     "pretrain": f"{_FILES} {_DATA} {_TRAINING} objective pretrain-data",
     "finetune": f"{_FILES} {_DATA} {_TRAINING}",
-    "study": f"{_FILES} {_DATA} {_TRAINING} pretrain-data",
+    "study": f"{_FILES} {_DATA} {_TRAINING} pretrain-data engine address",
     "evaluate": f"{_FILES} {_DATA}",  # the split and seed come from the checkpoint
     "data": f"{_FILES} {_DATA} seed",
     "summary": f"{_FILES} image-size",

@@ -144,6 +144,10 @@ class StudyConfig:
     epochs: int = 10  # fine-tuning epochs per cell (early stopping is off in a study), at least ...
     min_steps: int = 200  # ... enough epochs for this many optimizer steps, so small fractions train too
     val_limit: int | None = 1000  # validation images (stratified) used for model selection in every cell
+    engine: str = "serial"  # serial: every task in this process; ray: tasks on a Ray cluster
+    address: str | None = None  # ray: a running cluster ("auto", HOST:PORT); none starts one on this machine
+    task_cpus: float = 1.0  # ray: CPUs per task (its threads)
+    task_gpus: float = 0.0  # ray: GPUs per task (a share of one, e.g. 0.25, puts four tasks on a GPU)
 
 
 @dataclass
@@ -171,6 +175,7 @@ DEVICES = ("auto", "cpu", "cuda", "gpu", "mps")
 INITS = ("pytorch", "keras")
 FILLS = ("zeros", "nearest")
 ZOOM_AXES = ("same", "independent")
+ENGINES = ("serial", "ray")
 
 
 def preset_names() -> list[str]:
@@ -293,14 +298,15 @@ RANGES = {
     "trainer.num_nodes": "[1, 100000]", "trainer.gradient_clip_val": "(0, inf)", "trainer.num_workers": "[0, 1024]",
     "predict.top_k": "[1, 1000]", "predict.images": "[1, 1000]",
     "study.seeds": "[1, 1000]", "study.epochs": "[1, 100000]", "study.min_steps": "[0, 100000000]",
-    "study.val_limit": "[2, inf)",
+    "study.val_limit": "[2, inf)", "study.task_cpus": "(0, 1024]", "study.task_gpus": "[0, 64]",
     # items of lists
     "model.blocks[].channels[]": "[1, 8192]", "model.blocks[].kernel": "[1, 31]",
     "augment.brightness[]": "[0, inf)", "study.label_fractions[]": "(0, 1]",
 }
 CHOICES = {
     "pretrain.schedule": SCHEDULES, "finetune.schedule": SCHEDULES, "pretrain.objective": OBJECTIVES,
-    "study.objectives[]": OBJECTIVES, "finetune.arms[]": ("pretrained", "scratch"), "trainer.device": DEVICES,
+    "study.objectives[]": OBJECTIVES, "study.engine": ENGINES, "finetune.arms[]": ("pretrained", "scratch"),
+    "trainer.device": DEVICES,
     "trainer.precision": PRECISIONS, "trainer.allocator": ("auto", "tcmalloc", "default"),
     "model.init": INITS, "augment.fill": FILLS, "augment.zoom_axes": ZOOM_AXES,
 }

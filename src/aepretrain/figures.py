@@ -145,3 +145,23 @@ def study_accuracy(summary: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel("test accuracy")
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def study_gain(summary: list[dict[str, Any]], path: Path) -> Path:
+    """Each objective's gain over scratch (points of test accuracy, mean over seeds) against the labelled images
+    per class, with its paired 95 % interval as a band; zero marked."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.axhline(0, color="gray", lw=1)
+    for arm in dict.fromkeys(r["arm"] for r in summary if "gain" in r):
+        rows = sorted((r for r in summary if r["arm"] == arm and "gain" in r), key=lambda r: r["labelled_per_class"])
+        x = [r["labelled_per_class"] for r in rows]
+        line = ax.plot(x, [100 * r["gain"] for r in rows], marker="o", label=arm)[0]
+        banded = [r for r in rows if r.get("gain_low") is not None]
+        if banded:
+            ax.fill_between([r["labelled_per_class"] for r in banded], [100 * r["gain_low"] for r in banded],
+                            [100 * r["gain_high"] for r in banded], color=line.get_color(), alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled images per class")
+    ax.set_ylabel("gain over scratch (points)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)

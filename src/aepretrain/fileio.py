@@ -61,10 +61,14 @@ def first_line(exc: BaseException) -> str:
 
 
 def is_global_zero() -> bool:
-    """True in the one process that writes files (every process when not distributed)."""
+    """True in the one process that writes files (every process when not distributed). Before Lightning has set a
+    distributed run up, a process knows its rank only from its launcher's environment: on a node other than the
+    first (``NODE_RANK`` or ``GROUP_RANK``, as Lightning's launcher, torchrun and SLURM scripts set them) no
+    process writes, whatever its rank on that node."""
     from lightning.fabric.utilities.rank_zero import rank_zero_only  # here: importing Lightning is slow
 
-    return getattr(rank_zero_only, "rank", 0) == 0
+    node = os.environ.get("NODE_RANK") or os.environ.get("GROUP_RANK") or "0"
+    return getattr(rank_zero_only, "rank", 0) == 0 and node.strip() == "0"
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -115,8 +115,9 @@ def new_classifier(cfg: Config, bundle: DataBundle, encoder: Encoder | None) -> 
 
 
 def finetune(cfg: Config, bundle: DataBundle, out: Path, init: str, encoder: Encoder | None = None,
-             resume: bool = False) -> ArmResult:
-    """Train one arm; ``init`` is ``pretrained`` (``encoder`` required) or ``scratch``."""
+             resume: bool = False, val_every: int = 1) -> ArmResult:
+    """Train one arm; ``init`` is ``pretrained`` (``encoder`` required) or ``scratch``; validated every
+    ``val_every`` epochs."""
     if init == "pretrained" and encoder is None:
         raise UserError("the pretrained arm needs the pre-trained encoder")
     classifier = new_classifier(cfg, bundle, encoder if init == "pretrained" else None)
@@ -136,6 +137,6 @@ def finetune(cfg: Config, bundle: DataBundle, out: Path, init: str, encoder: Enc
         return ({"best_val_accuracy": best.best_accuracy, "best_epoch": best.best_epoch},
                 {"classes": bundle.classes, "arm": init, "best_epoch": best.best_epoch})
 
-    fit = Fit(classifier_path(out, init), "classifier", data, f.epochs, ARM_SUMMARY, callbacks)
+    fit = Fit(classifier_path(out, init), "classifier", data, f.epochs, ARM_SUMMARY, callbacks, val_every)
     record = fit_or_restore(classifier_module(classifier, cfg, init), fit, cfg, out, bundle.channels, resume, finish)
     return ArmResult(init, classifier, record)

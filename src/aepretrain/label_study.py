@@ -23,6 +23,7 @@ import csv
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,12 @@ from .data import DataBundle, labels_required, prepare, pretrain_images
 from .data.loading import batches_per_epoch
 from .data.splits import stratified_subset
 from .errors import UserError
+from .checkpoints import load_stage_encoder
 from .evaluate import evaluate
-from .fileio import is_global_zero, write_json
+from .fileio import first_line, is_global_zero, write_json
 from .finetune import epochs_to_target, finetune
 from .models import Encoder
-from .pretrain import pretrain
+from .pretrain import pretrain, stage_path
 from .runfolder import run_folder
 from .seeds import derive_seed, numpy_generator
 from .training import set_threads
@@ -58,9 +60,65 @@ def _seeded(cfg: Config, seed: int, objective: str | None = None) -> Config:
     return c
 
 
-def _encoder(cfg: Config, bundle: DataBundle, out: Path) -> Encoder:
-    images, val, _ = pretrain_images(cfg, bundle)
-    return pretrain(cfg, bundle, out, resume=True, images=(images, val)).encoder
+WHOLE_ENCODER = ("end-to-end",)  # objectives that train every block at once, not one stage at a time
+
+
+def _budgeted(cfg: Config, objective: str) -> Config:
+    """Every objective gets the same image-passes: a greedy objective trains each of its stages
+    ``pretrain.epochs`` epochs, one that trains the whole encoder at once as many epochs as all stages together."""
+    c = copy.deepcopy(cfg)
+    if objective in WHOLE_ENCODER:
+        c.pretrain.epochs *= len(cfg.model.blocks)
+    return c
+
+
+def pretrain_folder(out: Path, objective: str, seed: int) -> Path:
+    return out / "pretrain" / f"{objective}-seed{seed}"
+
+
+def run_pretraining(cfg: Config, out: Path, objective: str, seed: int) -> dict[str, Any]:
+    """Pre-train ``objective`` for ``seed`` into the study folder (restored, not trained again, when it finished
+    before); what it cost. A task of its own: any engine may run it, in any process."""
+    c = _budgeted(_seeded(cfg, seed, objective), objective)
+    bundle = study_data(cfg)
+    images, val, _ = pretrain_images(c, bundle)
+    result = pretrain(c, bundle, pretrain_folder(out, objective, seed), resume=True, images=(images, val))
+    passes = sum(int(row.get("samples", 0)) for stage in result.stages for row in stage.history)
+    return {"seed": seed, "objective": objective, "images": len(images),
+            "epochs": sum(len(stage.history) for stage in result.stages), "image_passes": passes,
+            "seconds": round(sum(stage.seconds for stage in result.stages), 2)}
+
+
+_DATA: dict[str, DataBundle] = {}  # a process's prepared study data, by its settings: cells of one study share it
+
+
+def study_data(cfg: Config) -> DataBundle:
+    """The labelled data every cell shares: splits from the base seed, validation cut to ``study.val_limit``."""
+    key = json.dumps([dataclasses.asdict(cfg.data), cfg.seed, cfg.study.val_limit])
+    if key not in _DATA:
+        bundle = prepare(cfg.data, cfg.seed)
+        labels_required(bundle)
+        limit = cfg.study.val_limit
+        if limit is not None and limit < len(bundle.val):
+            keep = stratified_subset(bundle.val.labels, limit, derive_seed(cfg.seed, "val-limit"))
+            bundle = dataclasses.replace(bundle, val=bundle.val.take(keep))
+        _DATA.clear()  # one study at a time in a process: the mapped stores of an earlier one go
+        _DATA[key] = bundle
+    return _DATA[key]
+
+
+VAL_SHARE = 0.2  # validation takes at most about this share of a cell's time ...
+PASS_COST = 3  # ... counting a training image as about three inference passes (forward, backward, augmentation)
+
+
+def val_every(train_images: int, val_images: int) -> int:
+    """Validate every this many epochs (``train_images`` an epoch) so that validation takes at most about
+    ``VAL_SHARE`` of a cell's time: a 1 % cell that trains 2 batches an epoch validates every few epochs.
+
+    >>> val_every(256, 1000), val_every(2688, 1000), val_every(27000, 1000)
+    (6, 1, 1)
+    """
+    return max(1, math.ceil(val_images * (1 - VAL_SHARE) / (VAL_SHARE * PASS_COST * max(train_images, 1))))
 
 
 # Student's t, 0.975 quantile, for 1..30 degrees of freedom (beyond: the Cornish-Fisher expansion below).
@@ -107,32 +165,52 @@ def verdict(low: float | None, high: float | None, pairs: int) -> str:
     return "helped" if low > 0 else "hurt" if high < 0 else "made no clear difference"
 
 
-def summarize_cells(cells: list[dict[str, Any]], objectives: list[str]) -> list[dict[str, Any]]:
-    """Mean and spread per fraction and arm, and each objective's paired difference from scratch with its
-    95 % interval over seeds."""
+def summarize_cells(cells: list[dict[str, Any]], objectives: list[str],
+                    pretraining: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """Mean and spread per fraction and arm; each objective's paired difference from scratch in test accuracy
+    and in optimizer steps to the target, each with its 95 % interval over seeds; what pre-training cost."""
     rows = []
     for fraction in sorted({c["fraction"] for c in cells}):
         here = [c for c in cells if c["fraction"] == fraction]
-        scratch = {c["seed"]: c["test_accuracy"] for c in here if c["arm"] == "scratch"}
+        scratch = {c["seed"]: c for c in here if c["arm"] == "scratch"}
         for arm in ["scratch", *objectives]:
-            acc = {c["seed"]: c["test_accuracy"] for c in here if c["arm"] == arm}
-            if not acc:
+            mine = {c["seed"]: c for c in here if c["arm"] == arm}
+            if not mine:
                 continue
-            values = np.array(list(acc.values()))
-            mine = [c for c in here if c["arm"] == arm]
+            values = np.array([c["test_accuracy"] for c in mine.values()])
+            first = next(iter(mine.values()))
             row = {"fraction": fraction, "arm": arm, "seeds": len(values), "mean": float(values.mean()),
                    "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                   "labelled": here[0]["labelled"], "epochs": sorted({c["epochs"] for c in mine}),
-                   "steps": sorted({c["steps"] for c in mine})}
-            paired = [acc[s] - scratch[s] for s in acc if s in scratch]
+                   "labelled": first["labelled"], "labelled_per_class": first.get("labelled_per_class"),
+                   "ratio": first.get("ratio"), "epochs": sorted({c["epochs"] for c in mine.values()}),
+                   "steps": sorted({c["steps"] for c in mine.values()})}
+            paired = [mine[s]["test_accuracy"] - scratch[s]["test_accuracy"] for s in mine if s in scratch]
             if arm != "scratch" and paired:
                 gain, low, high = paired_interval(paired)
                 row |= {"gain": gain, "gain_low": low, "gain_high": high, "verdict": verdict(low, high, len(paired))}
+                row |= _steps_to_target(mine, scratch)
+                cost = [p["seconds"] for p in pretraining if p["objective"] == arm and p["seed"] in mine]
+                row["pretrain_seconds"] = float(np.mean(cost)) if cost else None
             rows.append(row)
     return rows
 
 
-IGNORED_ON_RESUME = {"trainer.progress"}  # changes no number
+def _steps_to_target(mine: dict[int, dict[str, Any]], scratch: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Optimizer steps (and epochs) to the target: the objective's minus scratch's, paired over the seeds where
+    both reached it, with its 95 % interval (negative: pre-training got there sooner)."""
+    both = [s for s in mine if s in scratch and mine[s].get("steps_to_target") is not None
+            and scratch[s].get("steps_to_target") is not None]
+    steps = [mine[s]["steps_to_target"] - scratch[s]["steps_to_target"] for s in both]
+    epochs = [mine[s]["epochs_to_target"] - scratch[s]["epochs_to_target"] for s in both]
+    if not both:
+        return {"reached": 0}
+    mean, low, high = paired_interval(steps)
+    return {"reached": len(both), "steps_difference": mean, "steps_low": low, "steps_high": high,
+            "epochs_difference": float(np.mean(epochs))}
+
+
+# change no number (the engine and its resources change the thread count of a task: results differ in the last bits)
+IGNORED_ON_RESUME = {"trainer.progress", "study.engine", "study.address", "study.task_cpus", "study.task_gpus"}
 
 
 def _open_study(cfg: Config, out: Path) -> dict[str, Any]:
@@ -168,28 +246,94 @@ def study(cfg: Config, out: str | Path, overwrite: bool = False) -> dict[str, An
 
 def _study(cfg: Config, out: Path) -> dict[str, Any]:
     s = cfg.study
-    fractions, objectives = sorted(s.label_fractions), list(s.objectives)
+    objectives = list(s.objectives)
     record = _open_study(cfg, out)
+    record.setdefault("pretraining", [])
     done = {(c["fraction"], c["arm"], c["seed"]) for c in record["cells"]}
+    pretrained = {(p["objective"], p["seed"]) for p in record["pretraining"]}
     set_threads()
-    bundle = prepare(cfg.data, cfg.seed)
-    labels_required(bundle)
-    if s.val_limit is not None and s.val_limit < len(bundle.val):
-        keep = stratified_subset(bundle.val.labels, s.val_limit, derive_seed(cfg.seed, "val-limit"))
-        bundle = dataclasses.replace(bundle, val=bundle.val.take(keep))
-    for seed in range(cfg.seed, cfg.seed + s.seeds):
-        subsets = nested_fractions(bundle.train.labels, fractions, seed)
-        encoders: dict[str, Encoder] = {}
-        for fraction in fractions:
-            labelled = dataclasses.replace(bundle, train=bundle.train.take(subsets[fraction]))
-            for arm in ["scratch", *objectives]:
-                if (fraction, arm, seed) in done:
-                    continue
-                if arm != "scratch" and arm not in encoders:
-                    encoders[arm] = _encoder(_seeded(cfg, seed, arm), bundle, out / "pretrain" / f"{arm}-seed{seed}")
-                record["cells"].append(_cell(cfg, labelled, out, fraction, arm, seed, encoders.get(arm)))
-                write_json(out / "study.json", record)
+    study_data(cfg)  # a mistake in the data is said before any task starts
+    seeds = range(cfg.seed, cfg.seed + s.seeds)
+    pretrainings = [(objective, seed) for seed in seeds for objective in objectives if (objective, seed) not in pretrained]
+    cells = [(fraction, arm, seed) for seed in seeds for fraction in sorted(s.label_fractions)
+             for arm in ["scratch", *objectives] if (fraction, arm, seed) not in done]
+
+    def keep(kind: str, result: dict[str, Any]) -> None:
+        record["pretraining" if kind == "pretraining" else "cells"].append(result)
+        write_json(out / "study.json", record)
+
+    engine = serial_engine if s.engine == "serial" else ray_engine
+    engine(cfg, out, pretrainings, cells, keep)
     return _finish(cfg, out, record, objectives)
+
+
+def serial_engine(cfg: Config, out: Path, pretrainings: list[tuple[str, int]], cells: list[tuple[float, str, int]],
+                  keep: Callable[[str, dict[str, Any]], None]) -> None:
+    """Every task in this process, one after another: a seed's pre-trainings, then its cells."""
+    for seed in dict.fromkeys(seed for *_, seed in [*pretrainings, *cells]):
+        for objective, _ in (p for p in pretrainings if p[1] == seed):
+            keep("pretraining", run_pretraining(cfg, out, objective, seed))
+        for fraction, arm, _ in (c for c in cells if c[2] == seed):
+            keep("cell", run_cell(cfg, out, fraction, arm, seed))
+
+
+def ray_engine(cfg: Config, out: Path, pretrainings: list[tuple[str, int]], cells: list[tuple[float, str, int]],
+               keep: Callable[[str, dict[str, Any]], None]) -> None:
+    """The tasks on Ray (``study.address``: a running cluster, or none to start one on this machine), each with
+    ``study.task_cpus`` CPUs and ``study.task_gpus`` GPUs; a cell waits for its objective's pre-training. The
+    tasks write their checkpoints into the study folder (a folder every node shares); their results come back
+    here, where study.json is written as each one ends."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError("study.engine=ray needs Ray: pip install 'aepretrain[ray]'") from None
+    s = cfg.study
+    ours = not ray.is_initialized()
+    if ours:
+        ray.init(address=s.address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    threads = {"OMP_NUM_THREADS": str(max(1, int(s.task_cpus)))}  # a task's threads: its share of the cores
+    options = {"num_cpus": s.task_cpus, "num_gpus": s.task_gpus, "max_retries": 0,
+               "runtime_env": {"env_vars": threads}}
+    pretrain_task = ray.remote(run_pretraining).options(**options)
+    cell_task = ray.remote(_cell_after).options(**options)
+    needed = {(objective, seed) for _, objective, seed in cells if objective != "scratch"}
+    waiting = {pretrain_task.remote(cfg, out, objective, seed): "pretraining" for objective, seed in pretrainings}
+    started = {key: ref for ref, key in zip(waiting, pretrainings)}
+    for objective, seed in needed - set(started):  # finished before: restored inside the cell's task
+        started[(objective, seed)] = None
+    for fraction, arm, seed in cells:
+        after = started.get((arm, seed))
+        waiting[cell_task.remote(cfg, out, fraction, arm, seed, after)] = "cell"
+    try:
+        while waiting:
+            ready, _ = ray.wait(list(waiting), num_returns=1)
+            kind = waiting.pop(ready[0])
+            keep(kind, ray.get(ready[0]))
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
+        raise UserError(f"a study task failed on Ray: {first_line(cause)}") from None
+    finally:
+        if ours:
+            ray.shutdown()
+
+
+def _cell_after(cfg: Config, out: Path, fraction: float, arm: str, seed: int, pretraining: Any) -> dict[str, Any]:
+    """A cell, once Ray has finished the pre-training it depends on (passed in only to say so)."""
+    return run_cell(cfg, out, fraction, arm, seed)
+
+
+def run_cell(cfg: Config, out: Path, fraction: float, arm: str, seed: int) -> dict[str, Any]:
+    """One arm fine-tuned on one labelled fraction with one seed, from its objective's pre-trained encoder; a
+    task of its own, as :func:`run_pretraining`."""
+    bundle = study_data(cfg)
+    subset = nested_fractions(bundle.train.labels, sorted(cfg.study.label_fractions), seed)[fraction]
+    labelled = dataclasses.replace(bundle, train=bundle.train.take(subset))
+    encoder = None
+    if arm != "scratch":
+        encoder = load_stage_encoder(stage_path(pretrain_folder(out, arm, seed), len(cfg.model.blocks)))[0]
+    cell = _cell(cfg, labelled, out, fraction, arm, seed, encoder)
+    unlabelled = len(pretrain_images(_seeded(cfg, seed), bundle)[0])  # the same images for every objective
+    return cell | {"pretrain_images": unlabelled, "ratio": unlabelled / max(cell["labelled"], 1)}
 
 
 def _cell(cfg: Config, labelled: DataBundle, out: Path, fraction: float, arm: str, seed: int,
@@ -197,19 +341,25 @@ def _cell(cfg: Config, labelled: DataBundle, out: Path, fraction: float, arm: st
     """One arm fine-tuned on one labelled fraction with one seed, tested; every arm of a cell has the same budget:
     ``study.epochs``, more where the fraction is too small for ``study.min_steps`` optimizer steps."""
     c = _seeded(cfg, seed)
-    per_epoch = batches_per_epoch(len(labelled.train), cfg.finetune.batch_size, drop_last=True)
-    c.finetune.epochs = max(cfg.study.epochs, math.ceil(cfg.study.min_steps / per_epoch))
+    batch = cfg.finetune.batch_size
+    per_epoch = batches_per_epoch(len(labelled.train), batch, drop_last=True)
+    every = val_every(per_epoch * batch, len(labelled.val))
+    epochs = max(cfg.study.epochs, math.ceil(cfg.study.min_steps / per_epoch))
+    c.finetune.epochs = math.ceil(epochs / every) * every  # the last epoch is validated too
     if cfg.trainer.smoke:  # Lightning runs two batches an epoch, so the budget above is not what runs
-        c.finetune.epochs = 1
+        c.finetune.epochs, every = 1, 1
     c.finetune.early_stopping_patience = None  # every cell trains its whole budget
     folder = out / "cells" / f"f{fraction:g}-{arm}-seed{seed}"
-    result = finetune(c, labelled, folder, "scratch" if arm == "scratch" else "pretrained", encoder, resume=True)
+    result = finetune(c, labelled, folder, "scratch" if arm == "scratch" else "pretrained", encoder, resume=True,
+                      val_every=every)
     scores, history = evaluate(result.classifier, labelled.test, labelled.classes), result.record.history
+    validating = sum(row.get("val_seconds", 0.0) for row in history)
     return {"fraction": fraction, "arm": arm, "seed": seed, "labelled": len(labelled.train),
-            "epochs": len(history), "steps": int(history[-1]["step"]) if history else 0,
+            "labelled_per_class": len(labelled.train) / max(len(labelled.classes), 1),
+            "epochs": len(history), "steps": int(history[-1]["step"]) if history else 0, "val_every": every,
             "test_accuracy": scores["test_accuracy"], "test_loss": scores["test_loss"],
             "best_val_accuracy": result.record.summary["best_val_accuracy"], "history": history,
-            "seconds": result.record.seconds}
+            "seconds": result.record.seconds, "val_share": validating / max(result.record.seconds, 1e-9)}
 
 
 def _finish(cfg: Config, out: Path, record: dict[str, Any], objectives: list[str]) -> dict[str, Any]:
@@ -221,13 +371,16 @@ def _finish(cfg: Config, out: Path, record: dict[str, Any], objectives: list[str
                        (c["fraction"], c["seed"], "scratch"))
         c["target"] = cfg.finetune.target_fraction * scratch["best_val_accuracy"]
         c["epochs_to_target"] = epochs_to_target(c["history"], c["target"])
-    record["summary"] = summarize_cells(record["cells"], objectives)
+        c["steps_to_target"] = next((int(row["step"]) for row in c["history"]
+                                     if row["epoch"] == c["epochs_to_target"]), None)
+    record["summary"] = summarize_cells(record["cells"], objectives, record.get("pretraining", []))
     write_json(out / "study.json", record)
     if not is_global_zero():
         return record
     with open(out / "study.csv", "w", newline="") as f:
-        keys = ["fraction", "labelled", "arm", "seed", "epochs", "steps", "test_accuracy", "test_loss", "best_val_accuracy",
-                "epochs_to_target", "seconds"]
+        keys = ["fraction", "labelled", "labelled_per_class", "pretrain_images", "ratio", "arm", "seed", "epochs",
+                "steps", "val_every", "test_accuracy", "test_loss", "best_val_accuracy", "epochs_to_target",
+                "steps_to_target", "seconds", "val_share"]
         writer = csv.DictWriter(f, keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(record["cells"])

@@ -214,6 +214,8 @@ def study_blocks(out: Path) -> list[Block]:
                    "unlabelled train + validation images, never the test split. A gain is called help or harm "
                    "only when its paired Student-t 95 % confidence interval over seeds lies wholly on one side "
                    "of zero; with one seed there is no interval and no verdict."))
+    b += _verdicts(summary, out / "figures" / "study-gain.png")
+    b.append(("h3", "Every arm"))
     b.append(_table(["labelled fraction", "labelled images", "arm", "seeds", "epochs (steps) run",
                      "test accuracy mean", "std", "gain over scratch (points)", "95 % interval (points)", "verdict"],
                     [[f"{r['fraction']:g}", r["labelled"], r["arm"], r["seeds"], budget_text(r), r["mean"], r["std"],
@@ -228,6 +230,29 @@ def study_blocks(out: Path) -> list[Block]:
         b.append(("p", "In words: " + "; ".join(sentences) + "."))
     b.append(("img", (figure, "Test accuracy against the labelled fraction, mean ± std over seeds")))
     return b
+
+
+def steps_text(row: dict[str, Any]) -> str:
+    if not row.get("reached"):
+        return "not reached" if "reached" in row else ""
+    interval = "" if row.get("steps_low") is None else f" [{row['steps_low']:+.0f}, {row['steps_high']:+.0f}]"
+    return f"{row['steps_difference']:+.0f}{interval} ({row['reached']} of {row['seeds']} seeds)"
+
+
+def _verdicts(summary: list[dict[str, Any]], figure_path: Path) -> list[Block]:
+    """The answer first: one row per labelled fraction and objective, and the gain against labels per class."""
+    rows = [r for r in summary if "gain" in r]
+    if not rows:
+        return []
+    figure = figures.study_gain(summary, figure_path)
+    return [("h3", "Verdicts"),
+            _table(["labelled per class", "unlabelled : labelled", "objective", "gain (points)",
+                    "95 % interval (points)", "verdict", "pre-training s", "steps to target vs scratch [95 %]"],
+                   [[f"{r['labelled_per_class']:.3g}" if r.get("labelled_per_class") else "",
+                     f"{r['ratio']:.3g} : 1" if r.get("ratio") else "", r["arm"], gain_text(r["gain"]),
+                     interval_text(r), r["verdict"], r.get("pretrain_seconds"), steps_text(r)] for r in rows]),
+            ("img", (figure, "Gain over scratch against labelled images per class (log scale): mean over seeds, "
+                             "band: paired 95 % interval"))]
 
 
 def write_study_report(out: str | Path) -> tuple[Path, Path]:
@@ -248,8 +273,8 @@ def _md(block: Block, out: Path) -> str:
     kind, value = block
     if kind == "h1":
         return f"# {value}\n"
-    if kind == "h2":
-        return f"## {value}\n"
+    if kind in ("h2", "h3"):
+        return f"{'#' * int(kind[1])} {value}\n"
     if kind == "p":
         return f"{value}\n"
     if kind == "img":
@@ -262,7 +287,7 @@ def _md(block: Block, out: Path) -> str:
 
 def _html(block: Block) -> str:
     kind, value = block
-    if kind in ("h1", "h2"):
+    if kind in ("h1", "h2", "h3"):
         return f"<{kind}>{html.escape(value)}</{kind}>"
     if kind == "p":
         parts = html.escape(value).split("**")

@@ -105,6 +105,7 @@ class Fit:
     epochs: int
     summary_keys: tuple[str, ...]  # what a finished record's summary must hold
     callbacks: Sequence[Callback] = ()
+    val_every: int = 1  # validate after every this many epochs (and after the last)
 
 
 def fit_or_restore(module: TrainingModule, fit: Fit, cfg: Config, out: Path, channels: int, resume: bool,
@@ -118,7 +119,7 @@ def fit_or_restore(module: TrainingModule, fit: Fit, cfg: Config, out: Path, cha
     if done is not None:
         return Record.from_json(module.name, done)
     history = History(cfg.seed)
-    run = trainer(cfg.trainer, out, module.name, fit.epochs, [*fit.callbacks, history])
+    run = trainer(cfg.trainer, out, module.name, fit.epochs, [*fit.callbacks, history], fit.val_every)
     run.fit(module, *fit.data, ckpt_path=last_checkpoint(out, module.name, resume), weights_only=True)
     summary, meta = finish(history)
     save_model(module.model, fit.weights, fit.kind, cfg, channels, meta)
@@ -159,9 +160,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise UserError(f"cannot load checkpoint {path} safely: {first_line(exc)[:200]}") from None
 
 
-def trainer(t: TrainerConfig, out: Path, name: str, epochs: int, callbacks: Sequence[Callback]) -> L.Trainer:
+def trainer(t: TrainerConfig, out: Path, name: str, epochs: int, callbacks: Sequence[Callback],
+            val_every: int = 1) -> L.Trainer:
     """A Lightning Trainer with the run's device, precision, logs (CSV, TensorBoard), the finite-loss and
-    sample-count checks and a last-epoch checkpoint."""
+    sample-count checks and a last-epoch checkpoint; it validates every ``val_every`` epochs."""
     smoke = {"limit_train_batches": 2, "limit_val_batches": 2, "limit_test_batches": 2} if t.smoke else {}
     devices: Any = t.devices if t.devices == "auto" else (int(t.devices) if t.devices.isdigit() else t.devices)
     resume_ckpt = ModelCheckpoint(dirpath=resume_dir(out, name), filename="last", save_top_k=1, every_n_epochs=1,
@@ -173,7 +175,8 @@ def trainer(t: TrainerConfig, out: Path, name: str, epochs: int, callbacks: Sequ
         return L.Trainer(
             accelerator=t.device, devices=devices, num_nodes=t.num_nodes, strategy=t.strategy,
             sync_batchnorm=t.sync_batchnorm, precision=resolved_precision(t.precision, t.device),
-            max_epochs=epochs, gradient_clip_val=t.gradient_clip_val, deterministic=False,
+            max_epochs=epochs, check_val_every_n_epoch=val_every, gradient_clip_val=t.gradient_clip_val,
+            deterministic=False,
             logger=[CSVLogger(out / "logs", name=name, version=""), TensorBoardLogger(out / "logs", name=name, version="")],
             callbacks=[*callbacks, *checks, resume_ckpt, *bars], enable_progress_bar=t.progress,
             plugins=[AtomicCheckpointIO()],
@@ -194,7 +197,10 @@ def last_checkpoint(out: Path, name: str, resume: bool) -> Path | None:
 
 
 def set_threads() -> None:
-    """Use every core for intra-op work; Lightning and PyTorch defaults can leave some idle."""
+    """Use every core for intra-op work (Lightning and PyTorch defaults can leave some idle), unless
+    ``OMP_NUM_THREADS`` says how many: a user's choice, or a launcher's that runs several processes a machine."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if torch.get_num_threads() != cores:
-        torch.set_num_threads(cores)
+    wanted = os.environ.get("OMP_NUM_THREADS", "")
+    threads = int(wanted) if wanted.isdigit() and int(wanted) > 0 else cores
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
