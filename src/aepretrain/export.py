@@ -118,12 +118,14 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, overwrite: bool = 
         _require_onnx()  # before any work: a missing extra is the first thing to say
     if fmt == "backbone":
         encoder, spec = encoder_of_checkpoint(checkpoint)
+        _make_folder(out)
         state = {name: tensor.detach().contiguous() for name, tensor in encoder.state_dict().items()}
         metadata = {"format": BACKBONE_FORMAT, "spec": json.dumps(spec)}
         _write(out, lambda tmp: save_file(state, str(tmp), metadata=metadata))
         _write(spec_path(out), json.dumps(spec, indent=2) + "\n")
         return {"format": fmt, "path": str(out), "bytes": out.stat().st_size, "spec": str(spec_path(out))}
     classifier, meta = load_classifier(checkpoint)
+    _make_folder(out)  # before the conversion, which takes a while: a folder that cannot be made is said first
     model = Deployable(classifier).eval()
     info = {"classes": meta["classes"], "image_size": meta["image_size"], "in_channels": meta["in_channels"],
             "input": "image", "outputs": ["logits", "probabilities"], "preprocessing": PREPROCESSING,
@@ -194,7 +196,7 @@ def _output_file(out: str | Path) -> Path:
         raise UserError("--out is empty: name the file to write, e.g. model.pt")
     path = Path(text)
     if text.endswith(("/", os.sep)) or path.name in ("", ".", "..") or path.is_dir():
-        raise UserError(f"--out {shown(text)} is a folder: name the file to write, e.g. {shown(path / 'model.pt')}")
+        raise UserError(f"--out {shown(text)} names a folder: name the file to write, e.g. {shown(path / 'model.pt')}")
     return path
 
 
@@ -223,9 +225,15 @@ def _same_file(path: Path, other: Path) -> bool:
         return False
 
 
+def _make_folder(out: Path) -> None:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"could not write {shown(out)}: {exc.strerror}") from None
+
+
 def _write(path: Path, content: Any) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, content)
     except (OSError, SafetensorError) as exc:
         reason = getattr(exc, "strerror", None) or first_line(exc)
