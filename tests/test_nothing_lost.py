@@ -49,12 +49,12 @@ def tree(folder: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("spelling", ["the same path", "a symbolic link", "a hard link", "a relative path",
-                                      "the record, as the backbone's spec"])
+                                      "the record, as the backbone's spec", "the record, through a link"])
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
 def test_export_never_writes_over_its_checkpoint_or_its_record(spelling: str, overwrite: list[str], model: Path,
                                                                tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    fmt, out, what = "torchscript", model, "is the checkpoint it exports"
+    fmt, out, what, checkpoint = "torchscript", model, "is the checkpoint it exports", model
     if spelling == "a symbolic link":
         os.symlink(model, tmp_path / "link.safetensors")
         out = tmp_path / "link.safetensors"
@@ -67,8 +67,12 @@ def test_export_never_writes_over_its_checkpoint_or_its_record(spelling: str, ov
     elif spelling == "the record, as the backbone's spec":
         fmt, out = "backbone", model.with_suffix(".bak")
         what = f"{model.with_suffix('.json')} (the backbone's spec, beside --out) is the checkpoint's record"
+    elif spelling == "the record, through a link":  # the record beside what the link points to
+        checkpoint, fmt, out = tmp_path / "link.safetensors", "backbone", model.with_suffix(".bak")
+        os.symlink(model, checkpoint)
+        what = f"{model.with_suffix('.json')} (the backbone's spec, beside --out) is the checkpoint's record"
     before, names = contents(tmp_path), tree(tmp_path)
-    assert main(["export", "--checkpoint", str(model), "--format", fmt, "--out", str(out), *overwrite]) == 2
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", fmt, "--out", str(out), *overwrite]) == 2
     one_line_error(capsys, what, "the checkpoint and its record are never written over")
     assert contents(tmp_path) == before and tree(tmp_path) == names
 

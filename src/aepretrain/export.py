@@ -202,12 +202,13 @@ def _output_file(out: str | Path) -> Path:
 
 def _check_outputs(checkpoint: Path, outputs: list[Path], overwrite: bool) -> None:
     """Refuse, before any work, to write over the checkpoint or its record, or over any file without ``overwrite``."""
-    record = checkpoint.with_suffix(".json")
+    records = [checkpoint.with_suffix(".json"), Path(os.path.realpath(checkpoint)).with_suffix(".json")]  # a link's too
+    inputs = [(checkpoint, "the checkpoint it exports"), *((record, "the checkpoint's record") for record in records)]
     for path in outputs:
         if not os.path.lexists(path):
             continue
         name = f"--out {shown(path)}" if path == outputs[0] else f"{shown(path)} (the backbone's spec, beside --out)"
-        for source, what in ((checkpoint, "the checkpoint it exports"), (record, "the checkpoint's record")):
+        for source, what in inputs:
             if _same_file(path, source):
                 raise UserError(f"{name} is {what} ({shown(source)}): choose another --out; the checkpoint and its "
                                 "record are never written over")

@@ -6,8 +6,9 @@ kind of folder and a checksum of the saved settings. ``--overwrite`` removes onl
 writes in a folder of that kind (:data:`WRITES`: by name, down into ``figures/``, ``checkpoints/``, ``logs/``,
 a study's ``cells/`` and ``pretrain/``), then the folders that are left empty; anything else stays, and with
 it the folder that holds it. A symbolic link at one of those names is removed as a link, never followed. A
-folder that is not empty and holds no marker is refused. While a process works in a folder it holds a lock on ``.aepretrain-lock`` there (``flock``,
-released when the process ends, however it ends); a second process is refused with the first one's id.
+folder that is not empty and holds no marker is refused. While a process works in a folder it holds a lock
+on ``.aepretrain-lock`` there (``flock``, released when the process ends, however it ends); a second process
+is refused with the first one's id.
 
 Example:
     >>> import tempfile, pathlib
@@ -41,7 +42,7 @@ LOCK = ".aepretrain-lock"
 SETTINGS = "config.yaml"
 Tree = dict[str, "Tree | None"]  # name pattern (fnmatch) -> what a folder of that name holds; None: a file
 _FILE = None
-_MODULES = ("stage[0-9]*", "test", "pretrained", "scratch")  # a stage's, the stage test's and an arm's trainer
+_MODULES = ("stage[0-9]*", "test", "pretrained", "scratch")  # what trainers are named: stages, the test, arms
 _TRAINING: Tree = {  # what a stage or arm writes under the folder it trains in (training.py, pretrain.py, finetune.py)
     "checkpoints": {
         **{f"{stem}.{ext}": _FILE for stem in ("pretrain-stage[0-9]*", "classifier-pretrained", "classifier-scratch")
