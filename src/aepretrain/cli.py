@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import UserError
+from .errors import UserError, shown
 
 TRAINING_COMMANDS = ("run", "pretrain", "finetune", "evaluate", "bench", "study")
 COMMON = {  # flag -> dotted setting
@@ -229,7 +229,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from .export import export
 
-    info = export(args.checkpoint, args.format, args.out)
+    info = export(args.checkpoint, args.format, args.out, args.overwrite)
     size = f"{info['bytes'] / 1e6:.2f} MB"
     if args.format == "backbone":
         print(f"backbone: {info['path']} ({size}), its spec in {info['spec']}; "
@@ -379,7 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a classifier-*.safetensors (backbone: a pretrain-stageK.safetensors too)")
     p.add_argument("--format", required=True, choices=["onnx", "torchscript", "backbone"])
-    p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="the file to write; backbone: also FILE.json beside it (the spec), e.g. encoder.safetensors "
+                   "and encoder.json. Missing folders are made. A file that exists is refused, unless --overwrite; "
+                   "the checkpoint and its record (PATH.json) always")
+    p.add_argument("--overwrite", action="store_true", help="replace FILE (and FILE.json) if they exist")
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("serve", help="a local web page and a JSON endpoint (POST /predict) over a classifier")
@@ -513,6 +517,14 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except BrokenPipeError:  # output piped into `head`: not an error
         sys.stderr.close()
+    except OSError as exc:  # the system refused a path the user gave (too long, not a folder, no permission, ...)
+        if CTRL_C["seen"]:
+            return interrupted()
+        if exc.filename is None:
+            raise
+        reason = exc.strerror or type(exc).__name__
+        print(f"aepretrain: error: cannot use {shown(exc.filename)}: {reason}", file=sys.stderr)
+        return 2
     except Exception:
         if CTRL_C["seen"]:
             return interrupted()

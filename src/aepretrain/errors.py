@@ -1,4 +1,17 @@
-"""The one exception type for mistakes a user can cause; the CLI prints it as one line."""
+"""The one exception type for mistakes a user can cause; the CLI prints it as one line.
+
+Example:
+    >>> shown("runs/quick")
+    'runs/quick'
+    >>> shown("/tmp/" + "a" * 300)
+    '/tmp/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa... (305 characters)'
+"""
+
+from __future__ import annotations
+
+import os
+
+LONGEST_SHOWN = 100  # characters of a path a message shows whole; a longer one is cut to its first 60
 
 
 class UserError(Exception):
@@ -6,3 +19,9 @@ class UserError(Exception):
 
     The message is one line that says what went wrong and where.
     """
+
+
+def shown(path: str | os.PathLike[str] | bytes) -> str:
+    """A path as a one-line message shows it: whole, or its start and length when it is too long to read."""
+    text = os.fsdecode(path)
+    return text if len(text) <= LONGEST_SHOWN else f"{text[:60]}... ({len(text)} characters)"

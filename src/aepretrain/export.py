@@ -5,7 +5,11 @@ ONNX and TorchScript files hold the classifier with one input, ``image``: float3
 softmax), (N, classes). Both carry the class names, size, channels and preprocessing: ONNX as metadata
 properties, TorchScript as the extra file ``aepretrain.json`` (``torch.jit.load(path, _extra_files=...)``).
 Each file is run once more before it is kept (ONNX through ``onnx.checker`` and onnxruntime, TorchScript as
-``torch.jit.load`` gives it back) on a check batch, and refused if it differs from PyTorch by over 1e-4.
+``torch.jit.load`` gives it back) on a check batch, and refused if it differs from PyTorch by over 1e-4. Both
+refuse an image of another size, channel count or type than the trained one, with a message that says so.
+
+Nothing is written over the checkpoint or its record, under any spelling (a link, a relative path), and a file
+that exists is replaced only with ``overwrite``; both are checked before any work, for every file written.
 
 A backbone is a safetensors file of the encoder's tensors under plain names (B counts blocks from 0, I the
 convolutions of a block from 1)::
@@ -39,6 +43,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -51,7 +56,7 @@ from torch import nn
 from . import __version__
 from .checkpoints import FORMAT, load_autoencoder, load_classifier, load_weights, read_metadata
 from .config import BlockSpec, ModelConfig
-from .errors import UserError
+from .errors import UserError, shown
 from .fileio import atomic_write, first_line
 from .models import Classifier, Encoder
 from .seeds import derive_seed
@@ -79,24 +84,48 @@ class Deployable(nn.Module):
         return logits, torch.softmax(logits, dim=1)
 
 
-def export(checkpoint: str | Path, fmt: str, out: str | Path) -> dict[str, Any]:
-    """Write a checkpoint as ``fmt`` (onnx, torchscript: a classifier; backbone: a classifier or a stage)."""
+class InputChecked(nn.Module):
+    """A traced model behind a scripted check of its input, which a trace alone would drop: ONNX holds the shape
+    in its graph, TorchScript would run a model of global pooling on any size."""
+
+    def __init__(self, traced: nn.Module, channels: int, size: int) -> None:
+        super().__init__()
+        self.model, self.channels, self.size = traced, channels, size
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = image.shape
+        if len(shape) != 4 or shape[1] != self.channels or shape[2] != self.size or shape[3] != self.size:
+            raise ValueError(f"image must be (N, {self.channels}, {self.size}, {self.size}), the channels and size "
+                             f"this model was trained on, got {list(shape)}")
+        if image.dtype != torch.float32:
+            raise ValueError("image must be float32, pixels in [0, 1]")
+        return self.model(image)
+
+
+def export(checkpoint: str | Path, fmt: str, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """Write a checkpoint as ``fmt`` (onnx, torchscript: a classifier; backbone: a classifier or a stage).
+
+    ``out`` (and for a backbone its spec, ``out`` with ``.json``) must not exist unless ``overwrite``, and is
+    never the checkpoint or its record."""
     if fmt not in FORMATS:
         raise UserError(f"--format is one of {', '.join(FORMATS)}, not '{fmt}'")
-    out = Path(out)
+    out = _output_file(out)
+    if fmt == "backbone" and spec_path(out) == out:
+        raise UserError(f"--out {shown(out)}: the backbone's spec goes to FILE.json beside it; name the backbone "
+                        "FILE.safetensors")
+    _check_outputs(Path(checkpoint), [out, spec_path(out)] if fmt == "backbone" else [out], overwrite)
     if fmt == "onnx":
         _require_onnx()  # before any work: a missing extra is the first thing to say
     if fmt == "backbone":
-        if spec_path(out) == out:
-            raise UserError(f"--out {out}: the backbone's spec goes to FILE.json beside it; name the backbone "
-                            "FILE.safetensors")
         encoder, spec = encoder_of_checkpoint(checkpoint)
+        _make_folder(out)
         state = {name: tensor.detach().contiguous() for name, tensor in encoder.state_dict().items()}
         metadata = {"format": BACKBONE_FORMAT, "spec": json.dumps(spec)}
         _write(out, lambda tmp: save_file(state, str(tmp), metadata=metadata))
         _write(spec_path(out), json.dumps(spec, indent=2) + "\n")
         return {"format": fmt, "path": str(out), "bytes": out.stat().st_size, "spec": str(spec_path(out))}
     classifier, meta = load_classifier(checkpoint)
+    _make_folder(out)  # before the conversion, which takes a while: a folder that cannot be made is said first
     model = Deployable(classifier).eval()
     info = {"classes": meta["classes"], "image_size": meta["image_size"], "in_channels": meta["in_channels"],
             "input": "image", "outputs": ["logits", "probabilities"], "preprocessing": PREPROCESSING,
@@ -151,20 +180,65 @@ def _torchscript(model: Deployable, info: dict[str, Any], example: torch.Tensor,
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # PyTorch now points to torch.export; TorchScript still loads everywhere
-        frozen = torch.jit.freeze(torch.jit.trace(model, example))  # weights as constants: outputs need no grad
+        traced = torch.jit.trace(model, example)
+        checked = torch.jit.script(InputChecked(traced, info["in_channels"], info["image_size"]).eval())
+        frozen = torch.jit.freeze(checked)  # weights as constants: outputs need no grad
         torch.jit.save(frozen, buffer, _extra_files={"aepretrain.json": json.dumps(info)})
         loaded = torch.jit.load(io.BytesIO(buffer.getvalue()))
     with torch.no_grad():
         return buffer.getvalue(), list(loaded(check))
 
 
+def _output_file(out: str | Path) -> Path:
+    """``--out`` as the path of a file: not empty, not a folder."""
+    text = os.fspath(out)
+    if not text.strip():
+        raise UserError("--out is empty: name the file to write, e.g. model.pt")
+    path = Path(text)
+    if text.endswith(("/", os.sep)) or path.name in ("", ".", "..") or path.is_dir():
+        raise UserError(f"--out {shown(text)} names a folder: name the file to write, e.g. {shown(path / 'model.pt')}")
+    return path
+
+
+def _check_outputs(checkpoint: Path, outputs: list[Path], overwrite: bool) -> None:
+    """Refuse, before any work, to write over the checkpoint or its record, or over any file without ``overwrite``."""
+    records = [checkpoint.with_suffix(".json"), Path(os.path.realpath(checkpoint)).with_suffix(".json")]  # a link's too
+    inputs = [(checkpoint, "the checkpoint it exports"), *((record, "the checkpoint's record") for record in records)]
+    for path in outputs:
+        if not os.path.lexists(path):
+            continue
+        name = f"--out {shown(path)}" if path == outputs[0] else f"{shown(path)} (the backbone's spec, beside --out)"
+        for source, what in inputs:
+            if _same_file(path, source):
+                raise UserError(f"{name} is {what} ({shown(source)}): choose another --out; the checkpoint and its "
+                                "record are never written over")
+        if path.is_dir():
+            raise UserError(f"{name} is a folder: choose another --out")
+        if not overwrite:
+            raise UserError(f"{name} exists: pass --overwrite to replace it, or choose another --out")
+
+
+def _same_file(path: Path, other: Path) -> bool:
+    """Whether two paths name one file, whatever the spelling: a link, a hard link, ``..``."""
+    try:
+        return os.path.samefile(path, other)
+    except (FileNotFoundError, NotADirectoryError):  # one of them is not there (a dangling link): not the other
+        return False
+
+
+def _make_folder(out: Path) -> None:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"could not write {shown(out)}: {exc.strerror}") from None
+
+
 def _write(path: Path, content: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         atomic_write(path, content)
     except (OSError, SafetensorError) as exc:
         reason = getattr(exc, "strerror", None) or first_line(exc)
-        raise UserError(f"could not write {path}: {reason}") from None
+        raise UserError(f"could not write {shown(path)}: {reason}") from None
 
 
 def spec_path(backbone: Path) -> Path:

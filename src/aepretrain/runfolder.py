@@ -2,10 +2,13 @@
 process at a time.
 
 A folder holds a run (or a study) when it holds ``.aepretrain-run.json``, which records the version, the
-kind of folder and a checksum of the saved settings. ``--overwrite`` removes only the names aepretrain
-writes in a folder of that kind, and anything else stays; a folder that is not empty and holds no marker
-is refused. While a process works in a folder it holds a lock on ``.aepretrain-lock`` there (``flock``,
-released when the process ends, however it ends); a second process is refused with the first one's id.
+kind of folder and a checksum of the saved settings. ``--overwrite`` removes only the files aepretrain
+writes in a folder of that kind (:data:`WRITES`: by name, down into ``figures/``, ``checkpoints/``, ``logs/``,
+a study's ``cells/`` and ``pretrain/``), then the folders that are left empty; anything else stays, and with
+it the folder that holds it. A symbolic link at one of those names is removed as a link, never followed. A
+folder that is not empty and holds no marker is refused. While a process works in a folder it holds a lock
+on ``.aepretrain-lock`` there (``flock``, released when the process ends, however it ends); a second process
+is refused with the first one's id.
 
 Example:
     >>> import tempfile, pathlib
@@ -23,9 +26,9 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +40,26 @@ from .fileio import atomic_write, first_line
 MARKER = ".aepretrain-run.json"
 LOCK = ".aepretrain-lock"
 SETTINGS = "config.yaml"
-WRITES = {  # what aepretrain writes in a folder of each kind: all that --overwrite may remove
-    "run": (SETTINGS, "data.json", "metrics.json", "report.md", "report.html", "figures", "checkpoints", "logs"),
-    "study": ("study.json", "study.csv", "study.md", "study.html", "figures", "cells", "pretrain"),
+Tree = dict[str, "Tree | None"]  # name pattern (fnmatch) -> what a folder of that name holds; None: a file
+_FILE = None
+_MODULES = ("stage[0-9]*", "test", "pretrained", "scratch")  # what trainers are named: stages, the test, arms
+_TRAINING: Tree = {  # what a stage or arm writes under the folder it trains in (training.py, pretrain.py, finetune.py)
+    "checkpoints": {
+        **{f"{stem}.{ext}": _FILE for stem in ("pretrain-stage[0-9]*", "classifier-pretrained", "classifier-scratch")
+           for ext in ("safetensors", "json")},  # weights and their record
+        "resume": {module: {"last.ckpt": _FILE} for module in _MODULES},  # Lightning's, each epoch
+    },
+    "logs": {module: {"metrics.csv": _FILE, "hparams.yaml": _FILE, "events.out.tfevents.*": _FILE}  # CSV, TensorBoard
+             for module in _MODULES},
+}
+_RUN_FIGURES = ("samples.png", "reconstructions.png", "pretrain-curves.png", "probes.png", "finetune-curves.png",
+                "confusion-pretrained.png", "confusion-scratch.png", "predictions.png")
+WRITES: dict[str, Tree] = {  # what aepretrain writes in a folder of each kind: all that --overwrite may remove
+    "run": {**dict.fromkeys((SETTINGS, "data.json", "metrics.json", "report.md", "report.html")),
+            "figures": dict.fromkeys(_RUN_FIGURES), **_TRAINING},
+    "study": {**dict.fromkeys(("study.json", "study.csv", "study.md", "study.html")),
+              "figures": {"study.png": _FILE}, "cells": {"f*-*-seed[0-9]*": _TRAINING},
+              "pretrain": {"*-seed[0-9]*": _TRAINING}},  # label_study.py: a cell, an objective's encoder
 }
 
 
@@ -106,12 +126,30 @@ def _lock(out: Path) -> Iterator[None]:
 
 def _remove_own(out: Path, kind: str) -> None:
     """Remove what aepretrain wrote in ``out`` (and leftovers of its interrupted writes); nothing else."""
-    for name in (*WRITES[kind], MARKER):
-        for path in (out / name, *out.glob(f".{name}.*.tmp")):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
+    _remove_matching(out, {**WRITES[kind], MARKER: _FILE})
+
+
+def _remove_matching(folder: Path, tree: Tree) -> None:
+    """Remove the files ``tree`` names in ``folder``, then its folders that are left empty; never follow a link."""
+    for entry in list(os.scandir(folder)):
+        matched, holds = _match(entry.name, tree)
+        if not matched:
+            continue
+        if entry.is_symlink() or (holds is None and entry.is_file(follow_symlinks=False)):
+            os.unlink(entry.path)
+        elif holds is not None and entry.is_dir(follow_symlinks=False):
+            _remove_matching(Path(entry.path), holds)
+            if not os.listdir(entry.path):
+                os.rmdir(entry.path)
+
+
+def _match(name: str, tree: Tree) -> tuple[bool, Tree | None]:
+    """Whether aepretrain writes ``name`` where ``tree`` describes, and what it holds; a file's name also
+    matches the temporary files of its interrupted writes (fileio.atomic_write: ``.NAME.PID.tmp``)."""
+    for pattern, holds in tree.items():
+        if fnmatchcase(name, pattern) or (holds is None and fnmatchcase(name, f".{pattern}.*.tmp")):
+            return True, holds
+    return False, None
 
 
 @contextmanager
