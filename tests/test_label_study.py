@@ -107,10 +107,11 @@ def test_study_overwrite_starts_clean_and_resume_refuses_other_settings(tmp_path
     first = json.loads((out / "study.json").read_text())
     assert main([*base, "--set", "finetune.lr=0.01"]) == 2
     assert "finetune.lr=0.003, not 0.01" in capsys.readouterr().err
-    mine = out / "cells" / "notes.txt"  # a file the user put there is no business of --overwrite's ... but ours go
+    mine = out / "cells" / "notes.txt"  # a file the user put there is no business of --overwrite's; ours go
+    mine.write_text("the user's")
     assert main([*base, "--set", "finetune.lr=0.01", "--overwrite"]) == 0
     second = json.loads((out / "study.json").read_text())
     assert second["settings"]["config"]["finetune"]["lr"] == 0.01
     for a, b in zip(first["cells"], second["cells"]):
         assert a["history"] != b["history"], "the overwritten study reused the old cells"
-    assert not mine.exists()
+    assert mine.read_text() == "the user's"
