@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch import nn
 
 from .config import Config, check_image_size, from_dict
@@ -70,9 +70,14 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def read_checkpoint(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    meta = read_metadata(path)
+    """The tensors and metadata of a checkpoint, from one read of the file into memory: no map of it stays
+    open, so a file replaced or cut short later cannot crash (a bus error) or change a model loaded from it."""
+    read_metadata(path)  # a file that is not one is refused from its header, before it is read whole
     try:
-        state = load_file(str(path))
+        data = Path(path).read_bytes()
+        state = {name: tensor.clone() for name, tensor in load(data).items()}  # writable: not views of ``data``
+        header_size = int.from_bytes(data[:8], "little")  # the layout safetensors' load just verified
+        meta = json.loads(data[8:8 + header_size]).get("__metadata__") or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{path} is not an aepretrain checkpoint (safetensors): {exc}") from None
     if meta.get("format") != FORMAT:
