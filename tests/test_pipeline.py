@@ -6,6 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
+from safetensors.torch import load_file
+
 from aepretrain.checkpoints import load_classifier, load_stage_encoder
 from aepretrain.cli import main
 
@@ -34,7 +36,10 @@ def test_run_writes_every_key_file_and_figure(tiny_run: Path) -> None:
     for arm in ("pretrained", "scratch"):
         r = m["finetune"][arm]
         assert {"test_loss", "test_accuracy", "best_val_accuracy", "epochs", "epochs_to_target", "seconds"} <= set(r)
-        assert 0 <= r["test_accuracy"] <= 1 and r["epochs"] == 3  # too short to learn: see test_reliability
+        assert r["epochs"] == 3  # too short to learn: see test_reliability
+        confusion = np.array(r["confusion"])  # every test image counted once; accuracy is its diagonal's share
+        assert confusion.sum() == m["dataset"]["test"] and confusion.shape == (4, 4)
+        assert r["test_accuracy"] == pytest.approx(np.trace(confusion) / confusion.sum(), rel=1e-6)
     assert m["target_accuracy"] == pytest.approx(0.95 * m["finetune"]["scratch"]["best_val_accuracy"])
     for name in ("report.md", "report.html", "config.yaml", "data.json"):
         assert (tiny_run / name).is_file()
@@ -74,12 +79,16 @@ def test_predict_refuses_non_images_and_wrong_checkpoints(tiny_run: Path, tmp_pa
 
 
 def test_checkpoints_load_into_the_classifier(tiny_run: Path) -> None:
-    clf, meta = load_classifier(tiny_run / "checkpoints" / "classifier-scratch.safetensors")
+    path = tiny_run / "checkpoints" / "classifier-scratch.safetensors"
+    clf, meta = load_classifier(path)
     assert meta["classes"] == [f"pattern{k}" for k in range(4)] and meta["image_size"] == 16
     assert clf(torch.rand(2, 3, 16, 16)).shape == (2, 4)
-    encoder, _ = load_stage_encoder(tiny_run / "checkpoints" / "pretrain-stage3.safetensors")
-    stage_clf = load_classifier(tiny_run / "checkpoints" / "classifier-pretrained.safetensors")[0]
-    assert stage_clf.encoder.state_dict().keys() == encoder.state_dict().keys()
+    saved, loaded = load_file(str(path)), clf.state_dict()  # every tensor as the file holds it, none left as built
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    stage = tiny_run / "checkpoints" / "pretrain-stage3.safetensors"
+    encoder = load_stage_encoder(stage)[0].state_dict()
+    blocks = {k: v for k, v in load_file(str(stage)).items() if k.startswith("blocks.")}
+    assert blocks.keys() == encoder.keys() and all(torch.equal(blocks[k], encoder[k]) for k in blocks)
 
 
 def test_evaluate_command(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -104,7 +113,7 @@ def test_report_rebuilds_from_the_run_folder(tiny_run: Path, capsys: pytest.Capt
 
 
 def test_seed_preset_smoke_runs_on_the_cpu(tmp_path: Path) -> None:
-    assert main(["run", "--preset", "seed", "--smoke", "--dataset", "synthetic", "--quiet",
+    assert main(["run", "--preset", "seed", "--smoke", "--dataset", "synthetic", "--quiet", "--precision", "32",
                  "--out", str(tmp_path / "seed")]) == 0
     m = json.loads((tmp_path / "seed" / "metrics.json").read_text())
     assert m["pretrain"]["stages"][2]["params"]["total"] == 3_148_803

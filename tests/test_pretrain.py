@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -94,16 +93,6 @@ def test_end_to_end_objective_trains_every_block(tmp_path: Path) -> None:
         assert not torch.equal(initial[key], trained[key]), f"block {b + 1} did not train"
 
 
-@pytest.mark.parametrize("objective", ["greedy-denoising", "greedy-masked"])
-def test_greedy_variants_train_one_block_per_stage(objective: str, tmp_path: Path) -> None:
-    cfg = resolve("quick", overrides=["pretrain.epochs=1", f"pretrain.objective={objective}"],
-                  **{"data.dataset": "synthetic", "data.image_size": 16, "trainer.progress": False,
-                     "trainer.precision": "32"})
-    result = pretrain(cfg, prepare(cfg.data, 0), tmp_path)
-    assert [s.summary["stage"] for s in result.stages] == [1, 2, 3]
-    assert all(np.isfinite(s.summary["train_loss"]) for s in result.stages) and result.test_mse > 0
-
-
 def test_pretraining_on_an_unlabelled_folder_end_to_end(tmp_path: Path) -> None:
     folder = tmp_path / "unlabelled"
     folder.mkdir()
@@ -118,7 +107,9 @@ def test_pretraining_on_an_unlabelled_folder_end_to_end(tmp_path: Path) -> None:
     assert "no labelled test image" in m["pretrain"]["data"]
     assert {(r["encoder"], r["depth"]) for r in m["probes"]} == {(e, d) for e in ("pretrained", "random")
                                                                  for d in (1, 2, 3)}
-    assert all(0 <= r["linear_test"] <= 1 and 0 <= r["knn_test"] <= 1 for r in m["probes"])
+    tests = m["dataset"]["test"]  # each accuracy is a count of the labelled test images, over all of them
+    assert all(abs(r[key] * tests - round(r[key] * tests)) < 1e-4 for r in m["probes"]
+               for key in ("linear_test", "knn_test"))
     assert max(r["linear_test"] for r in m["probes"]) >= 0.25 + 0.4  # 4 separable classes: far above chance
     report = (out / "report.md").read_text()
     assert "3b. Probes" in report and "unlabelled" in report

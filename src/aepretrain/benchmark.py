@@ -4,11 +4,13 @@ For the classifier and each greedy stage's autoencoder, in one process: images p
 over timed steps after warm-up), FLOPs per image counted from the model (forward and backward of a
 train step), the achieved GFLOP/s, and that as a fraction of this machine's matrix-multiply rate,
 measured in the same run for fp32 and bf16. Each measurement keeps to a time budget: a slow model
-(the reference's autoencoders at 224 px on a CPU) gets fewer steps, down to one timed step.
+(the reference's autoencoders at 224 px on a CPU) gets fewer steps, down to one timed step. Without
+``precisions``, a CPU that computes bf16 adds a bf16 row (``$AEPRETRAIN_CPU_BF16`` forces either way).
 
 Example:
     >>> from aepretrain.config import resolve
-    >>> report = bench(resolve("tiny"), size=16, batch=8, warmup=1, steps=1, only=["classifier"], seconds=5)
+    >>> report = bench(resolve("tiny"), size=16, batch=8, precisions=["32"], warmup=1, steps=1, only=["classifier"],
+    ...                seconds=5)
     >>> [(row["model"], row["precision"]) for row in report["rows"]], report["rows"][0]["step_img_s"] > 0
     ([('classifier', '32')], True)
 """

@@ -214,16 +214,17 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    from .fileio import printable
     from .prediction import predict
 
     rows = predict(args.images, args.checkpoint, args.top_k)
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    for row in rows:
-        print(row["image"])
+    for row in rows:  # a newline or escape code in a file or class name is shown escaped, on its line
+        print(printable(row["image"]))
         for rank, top in enumerate(row["top"], 1):
-            print(f"  {rank}. {top['class']:<24} {top['probability']:.8g}")
+            print(f"  {rank}. {printable(top['class']):<24} {top['probability']:.8g}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -501,6 +502,10 @@ def main(argv: list[str] | None = None) -> int:
         check_flags(args)
         if args.command in COMMAND_FLAGS:
             resolve_args(args)  # a mistake in the settings is said at once, before torch and Lightning load
+        if args.command in TRAINING_COMMANDS and os.environ.get("AEPRETRAIN_CPU_BF16"):
+            from .training import cpu_computes_bf16
+
+            cpu_computes_bf16()  # a wrong value is said before anything is written
         if argv is None and args.command in TRAINING_COMMANDS:
             use_fast_allocator(args)
         if args.command in TRAINING_COMMANDS:

@@ -60,6 +60,16 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def printable(text: str) -> str:
+    """``text`` on one line, for a terminal or a report: each character that does not print (a newline in a file
+    or class name, an escape code, a byte that is not UTF-8) is written as a Python string writes it.
+
+    >>> print(printable("tabby\\ncat.jpg"), printable("Bombay"))
+    tabby\\ncat.jpg Bombay
+    """
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def is_global_zero() -> bool:
     """True in the one process that writes files (every process when not distributed). Before Lightning has set a
     distributed run up, a process knows its rank only from its launcher's environment: on a node other than the

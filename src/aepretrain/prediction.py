@@ -24,7 +24,9 @@ from .checkpoints import load_classifier
 from .data import match_channels
 from .data.base import Images
 from .data.images import DEFAULT_MAX_PIXELS, load_for_prediction
+from .errors import UserError
 from .evaluate import logits_of
+from .fileio import printable
 from .models import Classifier
 
 
@@ -43,6 +45,10 @@ def top_k(classifier: Classifier, classes: list[str], images: np.ndarray | Image
 
 
 def predict(images: list[str | Path], checkpoint: str | Path, top_k_count: int = 3) -> list[dict[str, Any]]:
+    folder = next((p for p in images if Path(p).is_dir()), None)
+    if folder is not None:
+        raise UserError(f"{printable(str(folder))} is a folder, not an image: pass its image files "
+                        f"(e.g. {printable(str(Path(folder) / '*.jpg'))})")
     classifier, meta = load_classifier(checkpoint)
     pixels = np.stack([prepare_image(p, meta["image_size"], meta["in_channels"]) for p in images])
     tops = top_k(classifier, meta["classes"], pixels, top_k_count)

@@ -16,7 +16,7 @@ from typing import Any
 
 from . import figures
 from .errors import UserError
-from .fileio import first_line
+from .fileio import first_line, printable
 from .models import summary
 from .probe import KNN_K
 from .reference import REFERENCE
@@ -264,42 +264,55 @@ def write_study_report(out: str | Path) -> tuple[Path, Path]:
 def _write(out: Path, stem: str, content: list[Block]) -> tuple[Path, Path]:
     md, page = out / f"{stem}.md", out / f"{stem}.html"
     md.write_text("\n".join(_md(b, out) for b in content))
-    page.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(content[0][1])}</title>"
+    page.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{_html_text(content[0][1])}</title>"
                     f"<style>{STYLE}</style></head><body>" + "\n".join(_html(b) for b in content) + "</body></html>")
     return md, page
+
+
+MARKDOWN_MARKS = str.maketrans({c: "\\" + c for c in "\\|*_`[]"})
+
+
+def _md_text(text: str) -> str:
+    """Text that Markdown shows as it is: on one line, with no HTML, table cell, link or emphasis of its own (class
+    and file names are the user's)."""
+    return html.escape(printable(text), quote=False).translate(MARKDOWN_MARKS)
+
+
+def _html_text(text: str) -> str:
+    return html.escape(printable(text))
 
 
 def _md(block: Block, out: Path) -> str:
     kind, value = block
     if kind == "h1":
-        return f"# {value}\n"
+        return f"# {_md_text(value)}\n"
     if kind in ("h2", "h3"):
-        return f"{'#' * int(kind[1])} {value}\n"
-    if kind == "p":
-        return f"{value}\n"
+        return f"{'#' * int(kind[1])} {_md_text(value)}\n"
+    if kind == "p":  # ** marks bold; the text between is shown as it is
+        return "**".join(_md_text(part) for part in value.split("**")) + "\n"
     if kind == "img":
         path, caption = value
-        return f"![{caption}]({path.relative_to(out)})\n\n*{caption}*\n"
+        return f"![{_md_text(caption)}]({path.relative_to(out)})\n\n*{_md_text(caption)}*\n"
     header, rows = value
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+    lines = ["| " + " | ".join(map(_md_text, header)) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(_md_text, row)) + " |" for row in rows]) + "\n"
 
 
 def _html(block: Block) -> str:
     kind, value = block
     if kind in ("h1", "h2", "h3"):
-        return f"<{kind}>{html.escape(value)}</{kind}>"
+        return f"<{kind}>{_html_text(value)}</{kind}>"
     if kind == "p":
-        parts = html.escape(value).split("**")
+        parts = _html_text(value).split("**")
         return "<p>" + "".join(f"<b>{s}</b>" if i % 2 else s for i, s in enumerate(parts)) + "</p>"
     if kind == "img":
         path, caption = value
         data = base64.b64encode(path.read_bytes()).decode() if path.is_file() else ""
-        return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
-                f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        return (f'<figure><img src="data:image/png;base64,{data}" alt="{_html_text(caption)}">'
+                f"<figcaption>{_html_text(caption)}</figcaption></figure>")
     header, rows = value
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    head = "".join(f"<th>{_html_text(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_html_text(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 

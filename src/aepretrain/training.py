@@ -128,14 +128,30 @@ def fit_or_restore(module: TrainingModule, fit: Fit, cfg: Config, out: Path, cha
     return record
 
 
+CPU_BF16 = "AEPRETRAIN_CPU_BF16"
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (oneDNN's test), unless ``$AEPRETRAIN_CPU_BF16`` says so: ``1``
+    treats it as one that does, ``0`` as one that does not. The variable reaches every process a run starts, so a
+    test (or a user) can take the other path on any CPU."""
+    forced = os.environ.get(CPU_BF16, "")
+    if forced not in ("", "0", "1"):
+        raise UserError(f"${CPU_BF16} must be 1 (bf16 on the CPU) or 0 (fp32), or unset to ask the CPU, not "
+                        f"{forced!r}")
+    if forced:
+        return forced == "1"
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def resolved_precision(requested: str, device: str) -> str:
-    """`auto`: bf16 autocast where the hardware computes bf16 natively, else fp32."""
+    """`auto`: bf16 autocast where the hardware computes bf16 natively (on a CPU: :func:`cpu_computes_bf16`), else
+    fp32."""
     if requested != "auto":
         return requested
     if device in ("auto", "cuda") and torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    if device in ("auto", "cpu") and torch.backends.mkldnn.is_available() and \
-            torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if device in ("auto", "cpu") and cpu_computes_bf16():
         return "bf16-mixed"
     return "32"
 
