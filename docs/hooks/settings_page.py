@@ -24,7 +24,9 @@ TYPE_WORDS = {"str": "text", "bool": "`true` or `false`"}  # what a setting with
 
 def on_config(config: Any) -> Any:
     # the checkout's own code, whatever aepretrain is installed: the page describes this version
-    sys.path.insert(0, str(Path(config.config_file_path).parent / "src"))
+    src = str(Path(config.config_file_path).parent / "src")
+    if src not in sys.path:
+        sys.path.insert(0, src)
     return config
 
 
