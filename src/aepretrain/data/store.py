@@ -28,10 +28,10 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 
+from ..fileio import open_lock_file, say_taken_over
 from .base import digest
 from .images import decode
 
@@ -226,54 +226,61 @@ class Progress:
             print("\r" + " " * 80 + "\r", end="", file=sys.stderr, flush=True)
 
 
-def _lock_file(path: Path, blocking: bool) -> IO[str] | None:
-    """The open, exclusively locked lock file at ``path``; None if another process holds it and not ``blocking``.
-    A lock file deleted and made anew meanwhile (by `cache clear`) is locked anew, so two holders never coexist."""
+def _lock_file(path: Path, blocking: bool) -> tuple[int | None, str]:
+    """The open, exclusively locked lock file at ``path`` (None if another process holds it and not ``blocking``)
+    and the record in it: its holder, or the one it left. Never opened through a symbolic link. A lock file
+    deleted and made anew meanwhile (by `cache clear`) is locked anew, so two holders never coexist."""
     while True:
-        f = open(path, "a+")
+        fd = open_lock_file(path)
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
-            f.close()
-            return None
+            holder = _record(fd)
+            os.close(fd)
+            return None, holder
         try:
-            if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
-                return f
+            if os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino:
+                return fd, _record(fd)
         except FileNotFoundError:
             pass
-        f.close()
+        os.close(fd)
+
+
+def _record(fd: int) -> str:
+    return os.pread(fd, 256, 0).decode(errors="replace").strip()
 
 
 @contextmanager
 def locked(path: Path, what: str) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` while the block runs. A second process waits for it, saying once who
-    holds it; the lock goes with its holder, so a killed build leaves none behind."""
-    f = _lock_file(path, blocking=False)
-    if f is None:
-        try:
-            holder = path.read_text().strip()
-        except OSError:
-            holder = ""
+    holds it; the lock goes with its holder (and its decoding workers), so a killed build leaves none behind,
+    and the next one says it took it over."""
+    fd, holder = _lock_file(path, blocking=False)
+    if fd is None:
         print(f"aepretrain: {what} is being built by {holder or 'another process'}; waiting for it",
               file=sys.stderr, flush=True)
-        f = _lock_file(path, blocking=True)
-    assert f is not None
-    with f:
-        f.truncate(0)
-        f.write(f"process {os.getpid()} on {socket.gethostname()}")
-        f.flush()
+        fd, holder = _lock_file(path, blocking=True)
+    assert fd is not None
+    try:
+        say_taken_over(path, holder)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
         try:
             yield
         finally:
-            f.truncate(0)
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
 
 
 @contextmanager
 def unless_locked(path: Path) -> Iterator[bool]:
     """True, holding the lock at ``path``, when no other process holds it; False (not waiting) when one does."""
-    f = _lock_file(path, blocking=False)
-    if f is None:
+    fd, _ = _lock_file(path, blocking=False)
+    if fd is None:
         yield False
         return
-    with f:
+    try:
         yield True
+    finally:
+        os.close(fd)
