@@ -91,3 +91,87 @@ def test_the_markers_temporary_file_is_never_written_through_a_link(tmp_path: Pa
     assert target.read_text() == PRECIOUS
     assert not (out / MARKER).is_symlink() and "settings_sha256" in (out / MARKER).read_text()
     assert not list(out.glob("*.tmp"))
+
+
+# 5. decoding workers die with a killed build; the next one takes its locks over
+
+
+def slow_photos(root: Path, per_class: int = 32) -> Path:
+    """Two classes of one 1500x1500 PNG, hard-linked: tiny on disk, a tenth of a second each to decode, so that a
+    build runs its worker pool (2 x 32 files at least) for a few seconds."""
+    pixels = np.zeros((1500, 1500, 3), np.uint8)
+    pixels[::7, :, 0] = 200
+    root.mkdir()
+    Image.fromarray(pixels).save(root / "one.png")
+    for name in ("cat", "dog"):
+        (root / name).mkdir()
+        for i in range(per_class):
+            os.link(root / "one.png", root / name / f"{i}.png")
+    (root / "one.png").unlink()
+    return root
+
+
+def _state(pid: int) -> tuple[str, int] | None:
+    """(state, parent) of a live process; None for one that is gone (a zombie too: it only waits to be reaped)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else (fields[0], int(fields[1]))
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and (_state(int(p)) or ("", 0))[1] == pid]
+
+
+def alive(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if _state(pid) is not None]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: the store is decoded without workers")
+@pytest.mark.parametrize("command, kill", [("run", signal.SIGKILL), ("data", signal.SIGTERM)])
+def test_a_killed_build_leaves_no_worker_and_the_next_run_takes_its_locks(
+        command: str, kill: signal.Signals, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cache, out, root = tmp_path / "cache", tmp_path / "run", slow_photos(tmp_path / "root")
+    monkeypatch.setenv("AEPRETRAIN_CACHE", str(cache))
+    if command == "run":
+        args = ["run", "--out", str(out), *tiny("data.dataset=folder", f"data.root={root}", "finetune.epochs=1",
+                                                "probe.enabled=false")]
+        again = ["run", "--out", str(out), "--resume"]
+    else:
+        args = again = ["data", "--dataset", "folder", "--root", str(root), "--image-size", "16", "--out", str(out)]
+    with open(tmp_path / "stderr.txt", "w") as stderr:  # not a pipe: a worker left behind would hold it open
+        build = subprocess.Popen([sys.executable, "-m", "aepretrain", *args], stdout=subprocess.DEVNULL,
+                                 stderr=stderr, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while len(children(build.pid)) < 2 and build.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        workers = children(build.pid)
+        assert len(workers) >= 2 and not list(cache.glob("*.json")), "no worker pool seen: killed too late?"
+        os.kill(build.pid, kill)  # the parent only, as `kill PID` does
+        build.wait(timeout=60)
+        deadline = time.time() + 5
+        while alive(workers) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not alive(workers), f"the decoding workers {alive(workers)} outlived their parent"
+    finally:
+        with suppress(ProcessLookupError):  # whatever is left of its session, so that a failure leaves nothing
+            os.killpg(build.pid, signal.SIGKILL)
+    [lock] = cache.glob("*.lock")
+    if kill == signal.SIGTERM:  # it cleaned up on the way out and let go of its lock: nothing to take over
+        assert build.returncode == 128 + signal.SIGTERM and (tmp_path / "stderr.txt").read_text().splitlines()[-1] \
+            == "aepretrain: interrupted; what finished is kept in the run folder (--resume continues)"
+        took_over = []
+    else:
+        took_over = [f"aepretrain: took over the lock {out / LOCK}, left by process {build.pid}, which is gone",
+                     f"aepretrain: took over the lock {lock}, left by process {build.pid} on {os.uname().nodename}, "
+                     "which is gone"]
+    capsys.readouterr()
+    assert main(again) == 0
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("aepretrain: took over ")] == took_over, err
+    assert "stored 64 images of folder-all-16" in err and lock.read_text() == ""
+    if command == "run":
+        assert (out / "metrics.json").is_file() and (out / LOCK).read_text() == ""

@@ -17,9 +17,11 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -27,7 +29,9 @@ import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
+from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +42,7 @@ from .images import decode
 CHUNK = 32  # files per decoding task: large enough to amortise the hand-over, small enough for a smooth bar
 VERIFY_BLOCK = 64 << 20  # bytes read at a time when checking rows against their digests
 FLUSH_EVERY = 0.5  # seconds between background flushes of a store being written
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
 
 
 def allocate(path: Path, shape: tuple[int, ...]) -> int:
@@ -94,6 +99,18 @@ def _open_target(path: str, offset: int, size: int, max_pixels: int) -> None:
     _TARGET.update(fd=os.open(path, os.O_WRONLY), offset=offset, size=size, max_pixels=max_pixels)
 
 
+def _start_worker(parent: int, *target: Any) -> None:
+    """A decoding worker dies with its parent. It shares the parent's locks (a forked copy of a file descriptor
+    holds its flock), so one orphaned by `kill -9` would hold the store and the run folder forever. Ctrl-C,
+    which reaches the whole process group, is left to the parent, which ends its workers itself."""
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl: no signal will come
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler, which would raise in here
+    _open_target(*target)
+
+
 def _decode_chunk(job: tuple[int, list[str]]) -> tuple[int, list[str | None], list[int]]:
     """Decode files ``start, start + 1, ...`` into their rows; (start, reasons, digests), None where it worked."""
     start, paths = job
@@ -133,17 +150,23 @@ def decode_into(path: Path, offset: int, files: list[Path], size: int, max_pixel
         finally:
             os.close(_TARGET.pop("fd"))
         return reasons, digests
-    with ProcessPoolExecutor(workers, initializer=_open_target, initargs=(str(path), offset, size, max_pixels)) as pool:
-        pending = {pool.submit(_decode_chunk, job) for job in jobs[:4 * workers]}  # forks the workers
-        queued = iter(jobs[4 * workers:])  # a few tasks ahead per worker: the bar moves, memory stays flat
-        with flushing(path):  # its thread starts after the fork: a forked child gets no half-held lock of it
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    keep(future.result())
-                    job = next(queued, None)
-                    if job is not None:
-                        pending.add(pool.submit(_decode_chunk, job))
+    with ProcessPoolExecutor(workers, get_context("fork"), initializer=_start_worker,
+                             initargs=(os.getpid(), str(path), offset, size, max_pixels)) as pool:
+        try:
+            pending = {pool.submit(_decode_chunk, job) for job in jobs[:4 * workers]}  # forks the workers
+            queued = iter(jobs[4 * workers:])  # a few tasks ahead per worker: the bar moves, memory stays flat
+            with flushing(path):  # its thread starts after the fork: a forked child gets no half-held lock of it
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        keep(future.result())
+                        job = next(queued, None)
+                        if job is not None:
+                            pending.add(pool.submit(_decode_chunk, job))
+        except BaseException:  # Ctrl-C, SIGTERM, a failed write: the workers end now, not after the queued tasks
+            for worker in list(pool._processes.values()):  # Python 3.14 calls this pool.kill_workers()
+                worker.kill()
+            raise
     return reasons, digests
 
 
