@@ -175,3 +175,106 @@ def test_a_killed_build_leaves_no_worker_and_the_next_run_takes_its_locks(
     assert "stored 64 images of folder-all-16" in err and lock.read_text() == ""
     if command == "run":
         assert (out / "metrics.json").is_file() and (out / LOCK).read_text() == ""
+
+
+# 9. a download stops at the archive's size and leaves no partial file
+
+
+class Mirror(http.server.ThreadingHTTPServer):
+    """A mirror that sends ``body`` bytes of zeros, or fewer if ``seconds`` pass first, in blocks of ``block``
+    bytes one every ``pause`` seconds, saying no length: a body far longer than expected is, to the client, one
+    without end. It counts what it sent."""
+
+    def __init__(self, body: int, block: int = 1 << 16, pause: float = 0.0, seconds: float = 30.0) -> None:
+        super().__init__(("127.0.0.1", 0), MirrorHandler)
+        self.body, self.block, self.pause, self.seconds, self.sent = body, block, pause, seconds, 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/"
+
+
+class MirrorHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"  # no length said: the body ends when the connection does
+    server: Mirror
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+        ends = time.time() + self.server.seconds
+        try:
+            while self.server.sent < self.server.body and time.time() < ends:
+                block = min(self.server.block, self.server.body - self.server.sent)
+                self.wfile.write(b"\0" * block)
+                self.server.sent += block
+                time.sleep(self.server.pause)
+        except OSError:  # the client hung up
+            pass
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def serving(mirror: Mirror) -> Iterator[Mirror]:
+    thread = threading.Thread(target=mirror.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield mirror
+    finally:
+        mirror.shutdown()
+        mirror.server_close()
+        thread.join()
+
+
+@pytest.fixture
+def endless() -> Iterator[Mirror]:
+    yield from serving(Mirror(64 << 20, seconds=20))
+
+
+@pytest.fixture
+def trickle() -> Iterator[Mirror]:
+    yield from serving(Mirror(64 << 20, pause=0.05, seconds=60))
+
+
+@pytest.fixture
+def short() -> Iterator[Mirror]:
+    yield from serving(Mirror(300_000))
+
+
+def test_a_mirror_that_never_ends_is_cut_off_at_the_archives_size(endless: Mirror, tmp_path: Path) -> None:
+    started = time.time()
+    with pytest.raises(UserError) as raised:
+        download_oxford_pets(tmp_path / "pets", endless.url, {"images.tar.gz": ("0" * 32, 1_000_000)}, progress=False)
+    assert str(raised.value) == (f"{endless.url}images.tar.gz sent more than the 1000000 bytes of images.tar.gz: "
+                                 f"stopped there and removed {tmp_path / 'pets' / 'images.tar.gz.part'} "
+                                 "(a wrong mirror? try another --url)")
+    assert time.time() - started < 10 and endless.sent < 16 << 20, "it read on past the size"
+    assert list((tmp_path / "pets").iterdir()) == []
+
+
+def test_a_mirror_that_sends_too_little_is_said_so(short: Mirror, tmp_path: Path) -> None:
+    with pytest.raises(UserError) as raised:
+        download_oxford_pets(tmp_path / "pets", short.url, {"images.tar.gz": ("0" * 32, 1_000_000)}, progress=False)
+    assert str(raised.value) == (f"download of {short.url}images.tar.gz ended after 300000 of the 1000000 bytes of "
+                                 "images.tar.gz (the file was removed; try again)")
+    assert list((tmp_path / "pets").iterdir()) == []
+
+
+def test_sigterm_during_a_download_removes_the_partial_file(trickle: Mirror, tmp_path: Path) -> None:
+    root = tmp_path / "pets"
+    part = root / "images.tar.gz.part"
+    download = subprocess.Popen([sys.executable, "-m", "aepretrain", "download", "--root", str(root),
+                                 "--url", trickle.url], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not (part.is_file() and part.stat().st_size) and download.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert part.is_file() and part.stat().st_size, "no partial download seen"
+        download.send_signal(signal.SIGTERM)
+        err = download.communicate(timeout=60)[1]
+    finally:
+        download.kill()
+    assert download.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert err.splitlines()[-1] == "aepretrain: interrupted; what finished is kept in the run folder (--resume " \
+                                   "continues)"
+    assert list(root.iterdir()) == []
