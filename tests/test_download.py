@@ -23,7 +23,7 @@ IMAGE_NAMES = ["Abyssinian_1", "Abyssinian_2", "american_bulldog_1"]
 class PetsServer:
     base_url: str
     folder: Path
-    archives: dict[str, str]
+    archives: dict[str, tuple[str, int]]
     requests: list[str] = field(default_factory=list)
 
 
@@ -33,11 +33,12 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
+def _expected(path: Path) -> tuple[str, int]:
+    """What download_oxford_pets is told to expect of a file: its md5 and size."""
+    return hashlib.md5(path.read_bytes()).hexdigest(), path.stat().st_size
 
 
-def _write_fake_archives(folder: Path) -> dict[str, str]:
+def _write_fake_archives(folder: Path) -> dict[str, tuple[str, int]]:
     with tarfile.open(folder / "images.tar.gz", "w:gz") as tar:
         for i, name in enumerate(IMAGE_NAMES):
             jpeg = io.BytesIO()
@@ -51,7 +52,7 @@ def _write_fake_archives(folder: Path) -> dict[str, str]:
         _add_bytes(tar, "annotations/trainval.txt", rows.encode())
         _add_bytes(tar, "annotations/test.txt", rows.encode())
 
-    return {name: _md5(folder / name) for name in ("images.tar.gz", "annotations.tar.gz")}
+    return {name: _expected(folder / name) for name in ("images.tar.gz", "annotations.tar.gz")}
 
 
 @pytest.fixture
@@ -113,7 +114,7 @@ def test_second_call_does_not_download_again(server: PetsServer, tmp_path: Path)
 
 def test_wrong_md5_raises_and_extracts_nothing(server: PetsServer, tmp_path: Path) -> None:
     root = tmp_path / "pets"
-    archives = {**server.archives, "annotations.tar.gz": "0" * 32}
+    archives = {**server.archives, "annotations.tar.gz": ("0" * 32, server.archives["annotations.tar.gz"][1])}
 
     with pytest.raises(UserError, match=r"md5.*annotations\.tar\.gz") as excinfo:
         download_oxford_pets(root, server.base_url, archives, progress=False)
@@ -127,7 +128,7 @@ def test_wrong_md5_raises_and_extracts_nothing(server: PetsServer, tmp_path: Pat
 
 def test_missing_archive_raises_naming_the_url(server: PetsServer, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="404") as excinfo:
-        download_oxford_pets(tmp_path / "pets", server.base_url, {"missing.tar.gz": "0" * 32}, progress=False)
+        download_oxford_pets(tmp_path / "pets", server.base_url, {"missing.tar.gz": ("0" * 32, 1)}, progress=False)
 
     assert server.base_url + "missing.tar.gz" in str(excinfo.value)
     assert not (tmp_path / "pets" / "missing.tar.gz.part").exists()
@@ -158,7 +159,7 @@ def test_unsafe_member_is_refused(server: PetsServer, tmp_path: Path, kind: str)
     root = parent / "pets"
 
     with pytest.raises(UserError, match="evil"):
-        download_oxford_pets(root, server.base_url, {"evil.tar.gz": _md5(evil)}, progress=False)
+        download_oxford_pets(root, server.base_url, {"evil.tar.gz": _expected(evil)}, progress=False)
 
     assert [p.name for p in parent.iterdir()] == ["pets"]
     assert not (root / "images").exists()
@@ -169,4 +170,4 @@ def test_corrupt_archive_raises(server: PetsServer, tmp_path: Path) -> None:
     corrupt.write_bytes(b"this is not a gzip file")
 
     with pytest.raises(UserError, match=r"cannot read archive .*corrupt\.tar\.gz"):
-        download_oxford_pets(tmp_path / "pets", server.base_url, {"corrupt.tar.gz": _md5(corrupt)}, progress=False)
+        download_oxford_pets(tmp_path / "pets", server.base_url, {"corrupt.tar.gz": _expected(corrupt)}, progress=False)

@@ -476,25 +476,26 @@ def use_fast_allocator(args: argparse.Namespace) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "aepretrain", *sys.argv[1:]], env)
 
 
-CTRL_C = {"seen": False}
+CTRL_C = {"seen": False, "signal": signal.SIGINT}
 
 
 def _on_ctrl_c(signum: int, frame: Any) -> None:
     """Ctrl-C is remembered as well as raised: a library that swallows the KeyboardInterrupt while it imports
     leaves a half-loaded module behind, which fails later with another error; Lightning turns one in a fit into
-    exit status 1."""
-    CTRL_C["seen"] = True
+    exit status 1. SIGTERM is taken the same way, so that a killed command too runs its cleanup on the way out:
+    it ends its decoding workers, lets go of its locks and removes a partial download."""
+    CTRL_C.update(seen=True, signal=signum)
     raise KeyboardInterrupt
 
 
 def interrupted() -> int:
     print("aepretrain: interrupted; what finished is kept in the run folder (--resume continues)", file=sys.stderr)
-    return 130
+    return 128 + CTRL_C["signal"]  # as a shell shows a process ended by that signal: 130, 143
 
 
 def main(argv: list[str] | None = None) -> int:
-    CTRL_C["seen"] = False
-    previous = signal.signal(signal.SIGINT, _on_ctrl_c)
+    CTRL_C.update(seen=False, signal=signal.SIGINT)
+    previous = {signum: signal.signal(signum, _on_ctrl_c) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:  # all of it: Ctrl-C while torch and Lightning load is an interruption too
         args = build_parser().parse_args(argv)
         if args.command == "run" and not args.out:
@@ -535,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
             return interrupted()
         raise
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return interrupted() if CTRL_C["seen"] else 0
 
 

@@ -15,11 +15,16 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+
+from .errors import UserError
 
 
 def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], None]) -> None:
@@ -29,16 +34,41 @@ def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], None]
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        tmp.unlink(missing_ok=True)  # a leftover, or a link planted there, is removed: nothing is written through it
         if callable(content):
             content(tmp)
         else:
-            with open(tmp, "wb") as f:
+            with open(tmp, "xb") as f:
                 f.write(content.encode() if isinstance(content, str) else content)
         _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def open_lock_file(path: Path) -> int:
+    """``path`` opened to read and write (made if absent) as a plain file, never through a symbolic link: a lock
+    file planted as a link to another file would have that file written. A link or a special file there is
+    refused in one line; other failures are raised as they are."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise UserError(f"{path} is a symbolic link: aepretrain writes its lock files only as plain files, never "
+                        "through a link; remove the link") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{path} is not a plain file: aepretrain writes its lock files only as plain files; remove it")
+    return fd
+
+
+def say_taken_over(path: Path, holder: str) -> None:
+    """Say that the lock at ``path`` was taken from ``holder``, the record in it: a holder that lets go clears its
+    record, so one left there was killed before it could."""
+    if holder:
+        print(f"aepretrain: took over the lock {path}, left by {holder}, which is gone", file=sys.stderr, flush=True)
 
 
 def _fsync(path: Path) -> None:

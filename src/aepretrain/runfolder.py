@@ -35,7 +35,7 @@ from typing import Any
 from . import __version__
 from .config import Config, load, save
 from .errors import UserError
-from .fileio import atomic_write, first_line
+from .fileio import atomic_write, first_line, open_lock_file, say_taken_over
 
 MARKER = ".aepretrain-run.json"
 LOCK = ".aepretrain-lock"
@@ -66,6 +66,9 @@ WRITES: dict[str, Tree] = {  # what aepretrain writes in a folder of each kind: 
 def read_marker(out: Path) -> dict[str, Any] | None:
     """The folder's marker, or None where there is none; one line if it is damaged."""
     path = Path(out) / MARKER
+    if path.is_symlink():  # read through, it would make any file a marker; written, it would be replaced
+        raise UserError(f"{path} is a symbolic link, not the marker aepretrain writes: the folder cannot be trusted "
+                        "as a run; remove the link")
     if not path.is_file():
         return None
     try:
@@ -104,10 +107,11 @@ def _check(out: Path, kind: str, resume: bool, overwrite: bool) -> dict[str, Any
 
 @contextmanager
 def _lock(out: Path) -> Iterator[None]:
-    """Hold ``out/.aepretrain-lock`` (the process id inside) until the block ends; refuse if another holds it."""
+    """Hold ``out/.aepretrain-lock`` (the process id inside) until the block ends; refuse if another holds it.
+    The id is cleared on the way out, so one found there was left by a process killed while it held the lock."""
     path = out / LOCK
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock_file(path)
     except OSError as exc:
         raise UserError(f"cannot write in {out}: {exc.strerror or exc}") from None
     try:
@@ -117,9 +121,14 @@ def _lock(out: Path) -> Iterator[None]:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
             raise UserError(f"{out} is in use by process {holder or '(starting)'}, which holds {path}: wait "
                             "for it to end, or choose another --out") from None
+        left = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        say_taken_over(path, left and f"process {left}")
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # releases the lock
 

@@ -2,7 +2,9 @@
 
 Each archive is streamed to ``<root>/<name>.part`` while its md5 is computed, and
 only renamed to ``<root>/<name>`` when the md5 matches, so a half-written or
-corrupt download never sits under the final name. Nothing is extracted until
+corrupt download never sits under the final name. Each archive's size is known:
+a mirror that sends more is cut off there, and the ``.part`` file is removed
+however the download ends (an error, Ctrl-C, SIGTERM through the CLI). Nothing is extracted until
 every archive has been verified and every tar member has been checked to stay
 inside ``root``. An archive already present with the right md5 is not fetched again.
 """
@@ -20,9 +22,9 @@ from pathlib import Path
 from aepretrain.errors import UserError
 
 OXFORD_PETS_BASE_URL = "https://www.robots.ox.ac.uk/~vgg/data/pets/data/"
-OXFORD_PETS_ARCHIVES = {
-    "images.tar.gz": "5c4f3ee8e5d25df40f4fd59a7f44e54c",
-    "annotations.tar.gz": "95a8c909bbe2e81eed6a22bccdf3f68f",
+OXFORD_PETS_ARCHIVES = {  # name: (md5, size in bytes) of the official files
+    "images.tar.gz": ("5c4f3ee8e5d25df40f4fd59a7f44e54c", 791918971),
+    "annotations.tar.gz": ("95a8c909bbe2e81eed6a22bccdf3f68f", 19173078),
 }
 
 _CHUNK_BYTES = 1 << 20
@@ -33,15 +35,15 @@ _TIMEOUT_S = 60.0
 def download_oxford_pets(
     root: str | Path,
     base_url: str = OXFORD_PETS_BASE_URL,
-    archives: dict[str, str] = OXFORD_PETS_ARCHIVES,
+    archives: dict[str, tuple[str, int]] = OXFORD_PETS_ARCHIVES,
     progress: bool = True,
 ) -> Path:
     """Fetch, verify and extract the Oxford-IIIT Pet archives into ``root``.
 
     ``archives`` maps each archive's file name (appended to ``base_url``) to its
-    md5. After a successful call ``root/images/`` and ``root/annotations/`` exist.
-    Raises ``UserError`` on a network error, an HTTP error, an md5 mismatch, a
-    corrupt or unsafe archive, or a ``root`` that cannot be written.
+    md5 and size. After a successful call ``root/images/`` and ``root/annotations/``
+    exist. Raises ``UserError`` on a network error, an HTTP error, a size or md5
+    mismatch, a corrupt or unsafe archive, or a ``root`` that cannot be written.
 
     Example:
         >>> import hashlib, io, tempfile
@@ -52,7 +54,8 @@ def download_oxford_pets(
         ...         member = tarfile.TarInfo(f"{folder}/README")
         ...         member.size = 2
         ...         tar.addfile(member, io.BytesIO(b"hi"))
-        ...     archives[f"{folder}.tar.gz"] = hashlib.md5((here / f"{folder}.tar.gz").read_bytes()).hexdigest()
+        ...     data = (here / f"{folder}.tar.gz").read_bytes()
+        ...     archives[f"{folder}.tar.gz"] = (hashlib.md5(data).hexdigest(), len(data))
         >>> root = download_oxford_pets(here / "pets", here.as_uri() + "/", archives, progress=False)
         >>> sorted(p.name for p in root.iterdir())
         ['annotations', 'annotations.tar.gz', 'images', 'images.tar.gz']
@@ -65,58 +68,68 @@ def download_oxford_pets(
 
     base = base_url if base_url.endswith("/") else base_url + "/"
     paths = []
-    for name, expected_md5 in archives.items():
+    for name, (expected_md5, size) in archives.items():
         path = root / name
-        if path.is_file() and _file_md5(path) == expected_md5:
+        if path.is_file() and path.stat().st_size == size and _file_md5(path) == expected_md5:
             if progress:
                 print(f"{name}: already present, md5 ok", file=sys.stderr)
         else:
-            _download_verified(base + name, path, expected_md5, progress)
+            _download_verified(base + name, path, expected_md5, size, progress)
         paths.append(path)
 
     _extract_all(paths, root)
     return root
 
 
-def _download_verified(url: str, path: Path, expected_md5: str, progress: bool) -> None:
-    """Stream ``url`` to ``path``.part, then rename it to ``path`` if its md5 matches."""
+def _download_verified(url: str, path: Path, expected_md5: str, size: int, progress: bool) -> None:
+    """Stream ``url`` to ``path``.part, then rename it to ``path`` if its size and md5 match. The .part file is
+    removed however this ends, an interruption included."""
     part = path.with_name(path.name + ".part")
+    try:
+        got_md5 = _stream(url, part, size, progress)
+        if got_md5 != expected_md5:
+            raise UserError(f"md5 mismatch for {path.name} from {url}: expected {expected_md5}, got {got_md5} "
+                            "(the file was removed; try again)")
+        try:
+            os.replace(part, path)
+        except OSError as exc:
+            raise UserError(f"cannot move {part} to {path}: {exc}") from exc
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    if progress:
+        print(f"{path.name}: {size / 1e6:.1f} MB, md5 ok", file=sys.stderr)
+
+
+def _stream(url: str, part: Path, size: int, progress: bool) -> str:
+    """Write the ``size`` bytes ``url`` should send to ``part`` (made anew, never through a link); their md5.
+    A body longer or shorter than ``size`` is refused: an endless one is cut off after ``size`` bytes."""
     digest = hashlib.md5(usedforsecurity=False)
     done = 0
     next_report = _PROGRESS_EVERY_BYTES
     try:
-        with open(part, "wb") as out, urllib.request.urlopen(url, timeout=_TIMEOUT_S) as response:
-            while chunk := response.read(_CHUNK_BYTES):
+        part.unlink(missing_ok=True)
+        with open(part, "xb") as out, urllib.request.urlopen(url, timeout=_TIMEOUT_S) as response:
+            while chunk := response.read(min(_CHUNK_BYTES, size + 1 - done)):
+                done += len(chunk)
+                if done > size:
+                    raise UserError(f"{url} sent more than the {size} bytes of {part.stem}: stopped there and removed "
+                                    f"{part} (a wrong mirror? try another --url)")
                 out.write(chunk)
                 digest.update(chunk)
-                done += len(chunk)
                 if progress and done >= next_report:
-                    print(f"{path.name}: {done / 1e6:.0f} MB", file=sys.stderr)
+                    print(f"{part.stem}: {done / 1e6:.0f} MB", file=sys.stderr)
                     next_report += _PROGRESS_EVERY_BYTES
     except urllib.error.HTTPError as exc:
-        part.unlink(missing_ok=True)
         raise UserError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from exc
     except urllib.error.URLError as exc:
-        part.unlink(missing_ok=True)
         raise UserError(f"download of {url} failed: {exc.reason}") from exc
     except (OSError, http.client.HTTPException) as exc:
-        part.unlink(missing_ok=True)
         raise UserError(f"download of {url} to {part} failed: {str(exc) or type(exc).__name__}") from exc
-
-    got_md5 = digest.hexdigest()
-    if got_md5 != expected_md5:
-        part.unlink(missing_ok=True)
-        raise UserError(
-            f"md5 mismatch for {path.name} from {url}: expected {expected_md5}, got {got_md5} "
-            "(the file was removed; try again)"
-        )
-    try:
-        os.replace(part, path)
-    except OSError as exc:
-        part.unlink(missing_ok=True)
-        raise UserError(f"cannot move {part} to {path}: {exc}") from exc
-    if progress:
-        print(f"{path.name}: {done / 1e6:.1f} MB, md5 ok", file=sys.stderr)
+    if done < size:
+        raise UserError(f"download of {url} ended after {done} of the {size} bytes of {part.stem} "
+                        "(the file was removed; try again)")
+    return digest.hexdigest()
 
 
 def _extract_all(paths: list[Path], root: Path) -> None:

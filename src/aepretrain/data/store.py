@@ -17,9 +17,11 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -27,17 +29,20 @@ import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
+from multiprocessing import get_context
 from pathlib import Path
-from typing import IO
+from typing import Any
 
 import numpy as np
 
+from ..fileio import open_lock_file, say_taken_over
 from .base import digest
 from .images import decode
 
 CHUNK = 32  # files per decoding task: large enough to amortise the hand-over, small enough for a smooth bar
 VERIFY_BLOCK = 64 << 20  # bytes read at a time when checking rows against their digests
 FLUSH_EVERY = 0.5  # seconds between background flushes of a store being written
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
 
 
 def allocate(path: Path, shape: tuple[int, ...]) -> int:
@@ -94,6 +99,18 @@ def _open_target(path: str, offset: int, size: int, max_pixels: int) -> None:
     _TARGET.update(fd=os.open(path, os.O_WRONLY), offset=offset, size=size, max_pixels=max_pixels)
 
 
+def _start_worker(parent: int, *target: Any) -> None:
+    """A decoding worker dies with its parent. It shares the parent's locks (a forked copy of a file descriptor
+    holds its flock), so one orphaned by `kill -9` would hold the store and the run folder forever. Ctrl-C,
+    which reaches the whole process group, is left to the parent, which ends its workers itself."""
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl: no signal will come
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler, which would raise in here
+    _open_target(*target)
+
+
 def _decode_chunk(job: tuple[int, list[str]]) -> tuple[int, list[str | None], list[int]]:
     """Decode files ``start, start + 1, ...`` into their rows; (start, reasons, digests), None where it worked."""
     start, paths = job
@@ -133,17 +150,23 @@ def decode_into(path: Path, offset: int, files: list[Path], size: int, max_pixel
         finally:
             os.close(_TARGET.pop("fd"))
         return reasons, digests
-    with ProcessPoolExecutor(workers, initializer=_open_target, initargs=(str(path), offset, size, max_pixels)) as pool:
-        pending = {pool.submit(_decode_chunk, job) for job in jobs[:4 * workers]}  # forks the workers
-        queued = iter(jobs[4 * workers:])  # a few tasks ahead per worker: the bar moves, memory stays flat
-        with flushing(path):  # its thread starts after the fork: a forked child gets no half-held lock of it
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    keep(future.result())
-                    job = next(queued, None)
-                    if job is not None:
-                        pending.add(pool.submit(_decode_chunk, job))
+    with ProcessPoolExecutor(workers, get_context("fork"), initializer=_start_worker,
+                             initargs=(os.getpid(), str(path), offset, size, max_pixels)) as pool:
+        try:
+            pending = {pool.submit(_decode_chunk, job) for job in jobs[:4 * workers]}  # forks the workers
+            queued = iter(jobs[4 * workers:])  # a few tasks ahead per worker: the bar moves, memory stays flat
+            with flushing(path):  # its thread starts after the fork: a forked child gets no half-held lock of it
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        keep(future.result())
+                        job = next(queued, None)
+                        if job is not None:
+                            pending.add(pool.submit(_decode_chunk, job))
+        except BaseException:  # Ctrl-C, SIGTERM, a failed write: the workers end now, not after the queued tasks
+            for worker in list(pool._processes.values()):  # Python 3.14 calls this pool.kill_workers()
+                worker.kill()
+            raise
     return reasons, digests
 
 
@@ -226,54 +249,61 @@ class Progress:
             print("\r" + " " * 80 + "\r", end="", file=sys.stderr, flush=True)
 
 
-def _lock_file(path: Path, blocking: bool) -> IO[str] | None:
-    """The open, exclusively locked lock file at ``path``; None if another process holds it and not ``blocking``.
-    A lock file deleted and made anew meanwhile (by `cache clear`) is locked anew, so two holders never coexist."""
+def _lock_file(path: Path, blocking: bool) -> tuple[int | None, str]:
+    """The open, exclusively locked lock file at ``path`` (None if another process holds it and not ``blocking``)
+    and the record in it: its holder, or the one it left. Never opened through a symbolic link. A lock file
+    deleted and made anew meanwhile (by `cache clear`) is locked anew, so two holders never coexist."""
     while True:
-        f = open(path, "a+")
+        fd = open_lock_file(path)
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
-            f.close()
-            return None
+            holder = _record(fd)
+            os.close(fd)
+            return None, holder
         try:
-            if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
-                return f
+            if os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino:
+                return fd, _record(fd)
         except FileNotFoundError:
             pass
-        f.close()
+        os.close(fd)
+
+
+def _record(fd: int) -> str:
+    return os.pread(fd, 256, 0).decode(errors="replace").strip()
 
 
 @contextmanager
 def locked(path: Path, what: str) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` while the block runs. A second process waits for it, saying once who
-    holds it; the lock goes with its holder, so a killed build leaves none behind."""
-    f = _lock_file(path, blocking=False)
-    if f is None:
-        try:
-            holder = path.read_text().strip()
-        except OSError:
-            holder = ""
+    holds it; the lock goes with its holder (and its decoding workers), so a killed build leaves none behind,
+    and the next one says it took it over."""
+    fd, holder = _lock_file(path, blocking=False)
+    if fd is None:
         print(f"aepretrain: {what} is being built by {holder or 'another process'}; waiting for it",
               file=sys.stderr, flush=True)
-        f = _lock_file(path, blocking=True)
-    assert f is not None
-    with f:
-        f.truncate(0)
-        f.write(f"process {os.getpid()} on {socket.gethostname()}")
-        f.flush()
+        fd, holder = _lock_file(path, blocking=True)
+    assert fd is not None
+    try:
+        say_taken_over(path, holder)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
         try:
             yield
         finally:
-            f.truncate(0)
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
 
 
 @contextmanager
 def unless_locked(path: Path) -> Iterator[bool]:
     """True, holding the lock at ``path``, when no other process holds it; False (not waiting) when one does."""
-    f = _lock_file(path, blocking=False)
-    if f is None:
+    fd, _ = _lock_file(path, blocking=False)
+    if fd is None:
         yield False
         return
-    with f:
+    try:
         yield True
+    finally:
+        os.close(fd)
