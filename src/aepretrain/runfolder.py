@@ -58,7 +58,7 @@ WRITES: dict[str, Tree] = {  # what aepretrain writes in a folder of each kind: 
     "run": {**dict.fromkeys((SETTINGS, "data.json", "metrics.json", "report.md", "report.html")),
             "figures": dict.fromkeys(_RUN_FIGURES), **_TRAINING},
     "study": {**dict.fromkeys(("study.json", "study.csv", "study.md", "study.html")),
-              "figures": {"study.png": _FILE}, "cells": {"f*-*-seed[0-9]*": _TRAINING},
+              "figures": {"study.png": _FILE, "study-gain.png": _FILE}, "cells": {"f*-*-seed[0-9]*": _TRAINING},
               "pretrain": {"*-seed[0-9]*": _TRAINING}},  # label_study.py: a cell, an objective's encoder
 }
 
