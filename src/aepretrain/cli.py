@@ -102,7 +102,7 @@ def resolve_args(args: argparse.Namespace) -> Any:
 
 
 def _resolve_args(args: argparse.Namespace) -> Any:
-    from .config import resolve
+    from .config import cut, resolve
     from .runfolder import saved_settings
 
     flags = {key: getattr(args, flag, None) for flag, key in COMMON.items()}
@@ -113,7 +113,7 @@ def _resolve_args(args: argparse.Namespace) -> Any:
                 flags[key] = [kind(v) for v in getattr(args, flag).split(",")]
             except ValueError:
                 raise UserError(f"--{flag.replace('_', '-')} takes comma-separated numbers, got "
-                                f"'{getattr(args, flag)}'") from None
+                                f"'{cut(getattr(args, flag))}'") from None
     if getattr(args, "pretrain_data", None):
         flags["pretrain.dataset"], flags["pretrain.root"] = pretrain_source(args.pretrain_data)
     cfg = resolve(args.preset or "quick", args.config, args.set, **flags)
