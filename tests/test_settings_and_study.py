@@ -3,6 +3,7 @@ once; a study refuses a grid that lists a cell twice, counts its step budget per
 its split; `finetune --encoder` takes any greedy stage and checks it before writing; a damaged resume checkpoint is
 one whole sentence."""
 
+import json
 import subprocess
 import sys
 import time
@@ -12,7 +13,8 @@ import pytest
 
 from aepretrain.cli import main
 
-from .test_hostile import one_line_error
+from .conftest import tiny
+from .test_hostile import folder_data, one_line_error
 
 
 def aepretrain(*args: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess[str], float]:
@@ -119,3 +121,82 @@ def test_a_study_refuses_a_cell_listed_twice_before_writing(args: list[str], mes
                  str(absent), *args]) == 2  # before: with data, exit 0 and every cell twice in study.csv
     one_line_error(capsys, message)
     assert not out.exists()
+
+
+# 13. `evaluate` on a study cell's checkpoint tests on the study's test images
+
+
+def test_evaluate_tests_a_study_cell_on_the_studys_test_images(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from aepretrain.checkpoints import load_classifier
+    from aepretrain.config import resolve
+    from aepretrain.data import prepare
+    from aepretrain.label_study import nested_fractions
+
+    data = folder_data(tmp_path / "data", ("cat", "dog", "owl"), per_class=20)  # no official test split
+    data_flags = ["--dataset", "folder", "--root", str(data), "--image-size", "16"]
+    out = tmp_path / "study"
+    assert main(["study", "--out", str(out), *tiny("study.epochs=1", "study.min_steps=0", "pretrain.epochs=1"),
+                 *data_flags, "--label-fractions", "0.5", "--seeds", "2", "--seed", "0"]) == 0
+    cell = next(c for c in json.loads((out / "study.json").read_text())["cells"]
+                if (c["seed"], c["arm"]) == (1, "scratch"))
+    checkpoint = out / "cells" / "f0.5-scratch-seed1" / "checkpoints" / "classifier-scratch.safetensors"
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(checkpoint), *data_flags, "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["test_loss"] == pytest.approx(cell["test_loss"], rel=1e-5)  # before: 1.09936 against 1.09914
+    assert scores["test_accuracy"] == pytest.approx(cell["test_accuracy"])
+
+    from aepretrain.pipeline import evaluation_data  # the test images `evaluate` took, by name
+
+    cfg = resolve("tiny", **{"data.dataset": "folder", "data.root": str(data)})
+    studied = prepare(cfg.data, 0)  # the split of the study's seed, which every cell shares
+    cell_train = studied.train.take(nested_fractions(studied.train.labels, [0.5], 1)[0.5]).names
+    tested = evaluation_data(cfg, load_classifier(checkpoint)[1], checkpoint).test.names
+    assert sorted(tested) == sorted(studied.test.names) and len(tested) == 12
+    assert not set(tested) & set(cell_train) and len(cell_train) == cell["labelled"] == 21
+
+
+# 14. the study's step budget under DDP counts the batches of one process
+
+
+def test_a_cells_epochs_count_the_batches_of_each_process() -> None:
+    from aepretrain.config import resolve
+    from aepretrain.errors import UserError
+    from aepretrain.label_study import cell_epochs
+
+    cfg = resolve("tiny", overrides=["study.epochs=1", "study.min_steps=10", "finetune.batch_size=16"])
+    # 86 images: 5 batches of 16 in one process; 43 in each of two, 2 batches each, so 5 epochs make 10 steps
+    assert [cell_epochs(cfg, 1.0, 86, processes) for processes in (1, 2)] == [2, 5]
+    assert [cell_epochs(cfg, 1.0, 16, processes) for processes in (1, 2)] == [10, 10]  # one batch, all images
+    assert cell_epochs(cfg, 0.5, 24, 1) == 10
+    with pytest.raises(UserError) as refused:  # 12 images in each process, fewer than a batch: no step at all
+        cell_epochs(cfg, 0.25, 24, 2)
+    assert str(refused.value) == "study.label_fractions 0.25 gives 24 labelled images, 12 in each of 2 processes: " \
+                                 "not one batch of finetune.batch_size 16; take a larger fraction, a smaller batch " \
+                                 "or fewer devices"
+
+
+def test_a_fraction_no_process_can_train_on_is_refused_before_writing(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "study"  # ddp_spawn: were it not refused, a launch from here would not start pytest again
+    assert main(["study", "--out", str(out), *tiny("study.epochs=1", "study.min_steps=0", "pretrain.epochs=1"),
+                 "--label-fractions", "0.25,1", "--seeds", "1", "--devices", "2", "--strategy", "ddp_spawn",
+                 "--device", "cpu"]) == 2  # before: exit 0, the 0.25 cells trained no step
+    one_line_error(capsys, "study.label_fractions 0.25 gives 24 labelled images, 12 in each of 2 processes: ")
+    assert not out.exists()
+
+
+ONE_BLOCK = "model.blocks=[{channels: [8], kernel: 3}]"
+
+
+def test_a_study_under_ddp_makes_min_steps_in_each_process(tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    done, _ = aepretrain("study", "--out", str(out), *tiny("study.epochs=1", "study.min_steps=10", "pretrain.epochs=1",
+                                                          ONE_BLOCK), "--label-fractions", "1", "--seeds", "1",
+                         "--devices", "2", "--strategy", "ddp", "--device", "cpu", timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cells = json.loads((out / "study.json").read_text())["cells"]
+    # 88 labelled images: 44 in each process, 2 batches of 16; before: 2 epochs, 4 steps in each process
+    assert [(c["arm"], c["labelled"], c["epochs"], c["steps"]) for c in cells] == [("scratch", 88, 5, 10),
+                                                                                   ("greedy", 88, 5, 10)]

@@ -140,7 +140,16 @@ def load_classifier(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
     load_weights(model, state, path, assign=True)
     model.eval()
     return model, {"classes": classes, "in_channels": in_channels, "image_size": image_size,
-                   "preset": meta.get("preset"), "config": cfg}
+                   "preset": meta.get("preset"), "config": cfg, "split_seed": _split_seed(meta, path, cfg)}
+
+
+def _split_seed(meta: dict[str, str], path: str | Path, cfg: Config) -> int:
+    """The seed the classifier's data was split with: a study cell's own seed differs from its study's, whose
+    split every cell shares; a checkpoint without the field (a run's, or an older one) was split with its seed."""
+    if "split_seed" not in meta:
+        return cfg.seed
+    return _meta_value(meta, "split_seed", path, lambda v: type(v) is int and 0 <= v <= 2**31 - 1,
+                       "a seed from 0 to 2147483647")
 
 def _stage_of(meta: dict[str, str], path: str | Path, cfg: Config) -> int:
     depth = len(cfg.model.blocks)

@@ -128,8 +128,10 @@ def _resolve_args(args: argparse.Namespace) -> Any:
 
 def cmd_data(args: argparse.Namespace) -> None:
     from .data import prepare
+    from .fileio import check_folder
 
     cfg = resolve_args(args)
+    check_folder(args.out)  # before the data is read, not when the grid is drawn
     info = prepare(cfg.data, cfg.seed).describe(Path(args.out) / f"samples-{cfg.data.dataset}.png")
     grid = info["sample_grid"]
     if args.json:

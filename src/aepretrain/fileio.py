@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from .errors import UserError
+
 
 def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], None]) -> None:
     """Write ``content`` (text, bytes, or a function that writes a given path) to a temporary file beside
@@ -58,6 +60,15 @@ def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's message, or its type's name when it has none."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check_folder(path: str | Path, flag: str = "--out") -> None:
+    """Refuse, before any work, a folder to write into that cannot be one: a file, or a path through a file."""
+    path = Path(path)
+    there = next((part for part in (path, *path.parents) if part.exists()), None)
+    if there is not None and not there.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder" if there == path else
+                        f"{flag} {path} cannot be a folder: {there} is a file")
 
 
 def is_global_zero() -> bool:

@@ -115,8 +115,10 @@ def new_classifier(cfg: Config, bundle: DataBundle, encoder: Encoder | None) -> 
 
 
 def finetune(cfg: Config, bundle: DataBundle, out: Path, init: str, encoder: Encoder | None = None,
-             resume: bool = False) -> ArmResult:
-    """Train one arm; ``init`` is ``pretrained`` (``encoder`` required) or ``scratch``."""
+             resume: bool = False, split_seed: int | None = None) -> ArmResult:
+    """Train one arm; ``init`` is ``pretrained`` (``encoder`` required) or ``scratch``. ``split_seed``: the seed
+    ``bundle`` was split with, where it is not ``cfg.seed`` (a study cell); the checkpoint records it, so that
+    `evaluate` tests on the same test images."""
     if init == "pretrained" and encoder is None:
         raise UserError("the pretrained arm needs the pre-trained encoder")
     classifier = new_classifier(cfg, bundle, encoder if init == "pretrained" else None)
@@ -134,7 +136,8 @@ def finetune(cfg: Config, bundle: DataBundle, out: Path, init: str, encoder: Enc
         if best.state is not None:
             classifier.load_state_dict(best.state)
         return ({"best_val_accuracy": best.best_accuracy, "best_epoch": best.best_epoch},
-                {"classes": bundle.classes, "arm": init, "best_epoch": best.best_epoch})
+                {"classes": bundle.classes, "arm": init, "best_epoch": best.best_epoch,
+                 "split_seed": cfg.seed if split_seed is None else split_seed})
 
     fit = Fit(classifier_path(out, init), "classifier", data, f.epochs, ARM_SUMMARY, callbacks)
     record = fit_or_restore(classifier_module(classifier, cfg, init), fit, cfg, out, bundle.channels, resume, finish)

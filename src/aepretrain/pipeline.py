@@ -30,7 +30,7 @@ from .config import Config, differences
 from .data import DataBundle, labels_required, prepare, pretrain_images
 from .errors import UserError
 from .evaluate import evaluate
-from .fileio import is_global_zero, write_json
+from .fileio import check_folder, is_global_zero, write_json
 from .finetune import ArmResult, classifier_path, epochs_to_target, finetune
 from .models import Encoder
 from .prediction import top_k
@@ -154,10 +154,26 @@ def run_finetune(cfg: Config, out: str | Path, init: str, encoder_path: str | No
 
 def run_evaluate(cfg: Config, checkpoint: str | Path, out: Path | None) -> dict[str, Any]:
     """Test a classifier checkpoint on the test split of the configured data."""
+    if out is not None:
+        check_folder(out)  # before the work, not after it
     classifier, meta = load_classifier(checkpoint)
-    trained = meta["config"]  # the split the model was trained with, so its training images stay out of the test
+    bundle = evaluation_data(cfg, meta, checkpoint)
+    scores = evaluate(classifier, bundle.test, bundle.classes)
+    if out is not None:
+        scores["figure"] = str(figures.confusion(scores["confusion"], bundle.classes, Path(checkpoint).stem,
+                                                 out / f"confusion-{Path(checkpoint).stem}.png"))
+    return scores
+
+
+def evaluation_data(cfg: Config, meta: dict[str, Any], checkpoint: str | Path) -> DataBundle:
+    """The configured data split as the classifier's training data was (its split settings and the seed of its
+    split, which a study cell records), so that none of its training images is tested on; refused where its
+    classes, channels or image size differ from the checkpoint's."""
+    if meta["image_size"] != cfg.data.image_size:
+        raise UserError(f"{checkpoint} expects {meta['image_size']}px images; pass --image-size {meta['image_size']}")
+    trained = meta["config"]
     split = {k: getattr(trained.data, k) for k in ("val_fraction", "test_fraction", "train_limit", "test_limit")}
-    bundle = prepare(dataclasses.replace(cfg.data, **split), trained.seed, progress=cfg.trainer.progress)
+    bundle = prepare(dataclasses.replace(cfg.data, **split), meta["split_seed"], progress=cfg.trainer.progress)
     labels_required(bundle)
     if len(meta["classes"]) != len(bundle.classes) or meta["in_channels"] != bundle.channels:
         raise UserError(f"{checkpoint} was trained on {len(meta['classes'])} classes of {meta['in_channels']} "
@@ -166,13 +182,7 @@ def run_evaluate(cfg: Config, checkpoint: str | Path, out: Path | None) -> dict[
         trained_on, here = next((a, b) for a, b in zip(meta["classes"], bundle.classes) if a != b)
         raise UserError(f"{checkpoint} was trained on other classes than the data's, though as many: class "
                         f"{meta['classes'].index(trained_on)} is '{trained_on}' there and '{here}' here")
-    if meta["image_size"] != bundle.image_size:
-        raise UserError(f"{checkpoint} expects {meta['image_size']}px images; pass --image-size {meta['image_size']}")
-    scores = evaluate(classifier, bundle.test, bundle.classes)
-    if out is not None:
-        scores["figure"] = str(figures.confusion(scores["confusion"], bundle.classes, Path(checkpoint).stem,
-                                                 out / f"confusion-{Path(checkpoint).stem}.png"))
-    return scores
+    return bundle
 
 
 def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
