@@ -4,12 +4,15 @@ its split; `finetune --encoder` takes any greedy stage and checks it before writ
 one whole sentence."""
 
 import json
+import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from aepretrain.cli import main
 
@@ -200,3 +203,153 @@ def test_a_study_under_ddp_makes_min_steps_in_each_process(tmp_path: Path) -> No
     # 88 labelled images: 44 in each process, 2 batches of 16; before: 2 epochs, 4 steps in each process
     assert [(c["arm"], c["labelled"], c["epochs"], c["steps"]) for c in cells] == [("scratch", 88, 5, 10),
                                                                                    ("greedy", 88, 5, 10)]
+
+
+# 15 and 16. `finetune --encoder` takes any greedy stage and checks it before writing; outputs that are files
+
+
+def stage_file(path: Path, stage: int, channels: int = 3) -> Path:
+    """A greedy stage's checkpoint as `pretrain` writes it (untrained weights: only their place matters here)."""
+    from aepretrain.checkpoints import save_model
+    from aepretrain.config import resolve
+    from aepretrain.models import Autoencoder, build_encoder
+
+    cfg = resolve("tiny")
+    torch.manual_seed(100 + stage)
+    autoencoder = Autoencoder(build_encoder(cfg.model, channels, for_classifier=False), stage)
+    return save_model(autoencoder, path, "autoencoder", cfg, channels, {"stage": stage})
+
+
+def classifier_file(path: Path) -> Path:
+    from aepretrain.checkpoints import save_model
+    from aepretrain.config import resolve
+    from aepretrain.models import Classifier, build_encoder
+
+    cfg = resolve("tiny")
+    classifier = Classifier(build_encoder(cfg.model, 3, True), 4, 0.0)
+    return save_model(classifier, path, "classifier", cfg, 3, {"classes": [f"pattern{k}" for k in range(4)]})
+
+
+def test_finetune_starts_from_any_greedy_stage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from aepretrain.checkpoints import load_stage_encoder
+    from aepretrain.config import resolve
+    from aepretrain.data import prepare
+    from aepretrain.finetune import new_classifier
+
+    cfg = resolve("tiny")
+    bundle = prepare(cfg.data, cfg.seed)
+    scratch = new_classifier(cfg, bundle, None).state_dict()
+    for stage in (1, 2):
+        encoder = load_stage_encoder(stage_file(tmp_path / f"stage{stage}.safetensors", stage))[0]
+        assert len(encoder.blocks) == stage  # before: all 3 blocks, the deeper ones on the meta device
+        started = new_classifier(cfg, bundle, encoder).state_dict()
+        pretrained = {f"encoder.{name}": tensor for name, tensor in encoder.state_dict().items()}
+        for name, tensor in started.items():  # blocks 1..k pre-trained, the rest and the head as the scratch arm's
+            assert torch.equal(tensor, pretrained[name] if name in pretrained else scratch[name]), name
+        assert not torch.equal(started["encoder.blocks.0.conv1.weight"], scratch["encoder.blocks.0.conv1.weight"])
+    out = tmp_path / "run"
+    assert main(["finetune", "--init", "pretrained", "--encoder", str(tmp_path / "stage1.safetensors"), "--out",
+                 str(out), *tiny(), "--smoke"]) == 0  # before: a meta-tensor copy error, exit 1
+    assert "pretrained (blocks 1 to 1 pre-trained): best val accuracy" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["finetune"]["pretrained"]["pretrained_blocks"] == 1
+
+
+@pytest.mark.parametrize("encoder, message", [
+    ("notes.txt", "notes.txt is not an aepretrain checkpoint (safetensors): "),
+    ("classifier.safetensors", "classifier.safetensors holds a classifier checkpoint; an autoencoder is needed here"),
+    ("gray.safetensors", "gray.safetensors does not fit this model: layer 'blocks.0.conv1.weight' has shape "
+                         "(16, 1, 5, 5) in the checkpoint, (16, 3, 5, 5) here"),
+])
+def test_finetune_refuses_a_wrong_encoder_before_writing(encoder: str, message: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("not weights")
+    classifier_file(tmp_path / "classifier.safetensors")
+    stage_file(tmp_path / "gray.safetensors", 2, channels=1)
+    out = tmp_path / "run"
+    assert main(["finetune", "--init", "pretrained", "--encoder", str(tmp_path / encoder), "--out", str(out),
+                 *tiny("finetune.epochs=1")]) == 2
+    one_line_error(capsys, message)
+    # before: config.yaml, data.json and figures/ written first. The channels are known from the data only, so a
+    # misfit leaves the folder's marker and lock: a folder that holds no run yet, which the next finetune takes
+    assert not out.exists() if encoder != "gray.safetensors" else \
+        sorted(p.name for p in out.iterdir()) == [".aepretrain-lock", ".aepretrain-run.json"]
+
+
+def test_evaluate_and_data_refuse_an_out_that_is_a_file_before_the_work(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoint = classifier_file(tmp_path / "classifier.safetensors")
+    mine = tmp_path / "mine.txt"
+    mine.write_text("mine")
+    for out, message in ((mine, f"--out {mine} is a file, not a folder"),
+                         (mine / "figures", f"--out {mine / 'figures'} cannot be a folder: {mine} is a file")):
+        assert main(["evaluate", "--checkpoint", str(checkpoint), "--preset", "tiny", "--out", str(out)]) == 2
+        one_line_error(capsys, message)  # before: a FileExistsError traceback once the test set was scored
+        assert main(["data", "--preset", "tiny", "--out", str(out)]) == 2
+        one_line_error(capsys, message)  # before: the same, once the data was prepared
+    assert mine.read_text() == "mine"
+
+
+# 16. a damaged resume checkpoint: one whole sentence, no Lightning warnings first
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder whose scratch arm has an epoch checkpoint but did not finish."""
+    out = tmp_path_factory.mktemp("interrupted") / "run"
+    assert main(["finetune", "--init", "scratch", "--out", str(out), *tiny(), "--smoke"]) == 0
+    for finished in ("classifier-scratch.safetensors", "classifier-scratch.json"):
+        (out / "checkpoints" / finished).unlink()
+    return out
+
+
+def damage(checkpoint: dict, how: str) -> object:
+    if how == "lacking":
+        return {"epoch": 0, "state_dict": checkpoint["state_dict"]}
+    if how == "weights":
+        return checkpoint | {"state_dict": checkpoint["state_dict"] | {"model.dense.weight": torch.zeros(3, 3)}}
+    if how == "optimizer":
+        optimizer = checkpoint["optimizer_states"][0]
+        optimizer["state"][0]["exp_avg"] = torch.zeros(2, 2)
+        return checkpoint
+    return [1, 2, 3]
+
+
+def resume_interrupted(out: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """Continue the scratch arm in ``out``: the exit code and the error line, with no warning of Lightning's."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(["finetune", "--init", "scratch", "--out", str(out), "--resume"])
+    assert not [w for w in caught if "lightning" in w.filename], [str(w.message) for w in caught]
+    return code, one_line_error(capsys) if code else ""
+
+
+@pytest.mark.parametrize("how, problem", [
+    ("lacking", "it lacks 'pytorch-lightning_version'"),
+    ("weights", "its layer 'model.dense.weight' has shape (3, 3), (4, 64) here"),
+    ("optimizer", "its optimizer's 'exp_avg' of parameter 0 has shape (2, 2), (16, 3, 5, 5) here"),
+    ("a list", "it lacks 'pytorch-lightning_version'"),
+])
+def test_a_damaged_resume_checkpoint_is_one_whole_sentence(how: str, problem: str, interrupted: Path,
+                                                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(interrupted, out)
+    last = out / "checkpoints" / "resume" / "scratch" / "last.ckpt"
+    torch.save(damage(torch.load(last, weights_only=True), how), last)
+    assert resume_interrupted(out, capsys) == (2, f"aepretrain: error: cannot resume scratch from {last}: {problem}; "
+                                                  "remove it to train scratch again from its first epoch\n")
+    # before: KeyError and RuntimeError tracebacks after two of Lightning's warnings
+
+
+def test_an_unreadable_resume_checkpoint_is_one_whole_sentence(interrupted: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(interrupted, out)
+    last = out / "checkpoints" / "resume" / "scratch" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    assert resume_interrupted(out, capsys) == (
+        2, f"aepretrain: error: cannot load checkpoint {last} safely: it is cut or is no PyTorch checkpoint "
+           "(PytorchStreamReader failed reading zip archive: failed finding central directory); remove it to train "
+           "scratch again from its first epoch\n")  # before: two warnings, then the message cut at 200 characters
+    last.unlink()  # as the line says: the arm is trained again from its first epoch
+    assert main(["finetune", "--init", "scratch", "--out", str(out), "--resume"]) == 0
+    assert (out / "checkpoints" / "classifier-scratch.safetensors").is_file()

@@ -157,15 +157,8 @@ def _stage_of(meta: dict[str, str], path: str | Path, cfg: Config) -> int:
 
 
 def load_stage_encoder(path: str | Path) -> tuple[Encoder, dict[str, str]]:
-    """The full-depth encoder with blocks 1..k from greedy stage k's checkpoint (the rest as initialised),
-    to fine-tune a classifier from."""
-    state, meta = read_checkpoint(path, "autoencoder")
-    cfg, in_channels = _model_meta(meta, path)
-    stage = _stage_of(meta, path, cfg)
-    with torch.device("meta"):  # as in load_classifier; the autoencoder shares the encoder's blocks
-        encoder = build_encoder(cfg.model, in_channels, for_classifier=False)
-        autoencoder = Autoencoder(encoder, stage)
-    load_weights(autoencoder, state, path, assign=True)
+    """Greedy stage k's encoder, blocks 1..k, to fine-tune a classifier from (its deeper blocks start fresh)."""
+    _autoencoder, encoder, meta = load_autoencoder(path)
     return encoder, meta
 
 

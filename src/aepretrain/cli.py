@@ -194,7 +194,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from .pipeline import run_finetune
 
     r = run_finetune(resolve_args(args), args.out, args.init, args.encoder, resume=args.resume)
-    print(f"{args.init}: best val accuracy {r['best_val_accuracy']:.4f} at epoch {r['best_epoch']}, "
+    blocks = r.get("pretrained_blocks")
+    arm = f"{args.init} (blocks 1 to {blocks} pre-trained)" if blocks else args.init
+    print(f"{arm}: best val accuracy {r['best_val_accuracy']:.4f} at epoch {r['best_epoch']}, "
           f"test accuracy {r['test_accuracy']:.4f}, checkpoint {r['checkpoint']}")
 
 

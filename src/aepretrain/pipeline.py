@@ -14,9 +14,10 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from .data import DataBundle, labels_required, prepare, pretrain_images
 from .errors import UserError
 from .evaluate import evaluate
 from .fileio import check_folder, is_global_zero, write_json
-from .finetune import ArmResult, classifier_path, epochs_to_target, finetune
+from .finetune import ArmResult, check_encoder, classifier_path, epochs_to_target, finetune
 from .models import Encoder
 from .prediction import top_k
 from .pretrain import PretrainResult, pretrain, reconstruct, stage_path
@@ -71,24 +72,26 @@ def reconcile(cfg: Config, saved: Config, out: Path) -> Config:
 
 
 @contextmanager
-def _start(cfg: Config, out: Path, resume: bool, overwrite: bool, adding_arm: bool = False
+def _start(cfg: Config, out: Path, resume: bool, overwrite: bool, adding_arm: bool = False,
+           check: Callable[[Config, DataBundle], None] | None = None
            ) -> Iterator[tuple[Config, Path, DataBundle, dict[str, Any]]]:
     """Open and lock the run folder, settle the settings, prepare and describe the data.
 
     A resumed run, or an arm added to one, keeps the settings it was started with (verified before
-    anything is written).
+    anything is written). ``check`` refuses what does not fit the data, before the settings are saved.
     """
     set_threads()
     main = is_global_zero()
     with run_folder(out, "run", resume or adding_arm, overwrite) as out:
-        if main:  # other DDP processes start once the first has set the folder up
-            saved = saved_settings(out)
-            if saved is None:
-                save_settings(cfg, out)
-            else:
-                cfg = reconcile(cfg, saved, out)
+        saved = saved_settings(out) if main else None  # other DDP processes start once the first has set it up
+        if saved is not None:
+            cfg = reconcile(cfg, saved, out)
         bundle = prepare(cfg.data, cfg.seed, progress=cfg.trainer.progress)
         labels_required(bundle)
+        if check is not None:
+            check(cfg, bundle)
+        if main and saved is None:
+            save_settings(cfg, out)
         write_json(out / "data.json", bundle.describe(out / "figures" / "samples.png" if main else None))
         metrics = _metrics(out) | {
             "preset": cfg.preset, "seed": cfg.seed, "smoke": cfg.trainer.smoke,
@@ -140,14 +143,19 @@ def run_pretrain(cfg: Config, out: str | Path, resume: bool = False, overwrite: 
 
 def run_finetune(cfg: Config, out: str | Path, init: str, encoder_path: str | None = None,
                  resume: bool = False) -> dict[str, Any]:
-    """One arm; the pretrained arm takes the last stage's encoder from the run folder or ``encoder_path``."""
+    """One arm; the pretrained arm takes the last stage's encoder from the run folder or ``encoder_path``, any
+    greedy stage's: blocks 1..k pre-trained, the deeper ones starting as the scratch arm's. The encoder is checked
+    before anything is written."""
     out = Path(out)
-    path = Path(encoder_path) if encoder_path else stage_path(out, len(cfg.model.blocks))
-    if init == "pretrained" and not path.is_file():
-        raise UserError(f"no pre-trained encoder at {path}: run `aepretrain pretrain --out {out}` first "
-                        "or pass --encoder PATH")
-    with _start(cfg, out, resume, overwrite=False, adding_arm=True) as (cfg, folder, bundle, metrics):
-        encoder = load_stage_encoder(path)[0] if init == "pretrained" else None
+    encoder, check = None, None
+    if init == "pretrained":
+        path = Path(encoder_path) if encoder_path else stage_path(out, len(cfg.model.blocks))
+        if not path.is_file():
+            raise UserError(f"no pre-trained encoder at {path}: run `aepretrain pretrain --out {out}` first "
+                            "or pass --encoder PATH")
+        encoder = load_stage_encoder(path)[0]
+        check = functools.partial(check_encoder, encoder=encoder, source=str(path))
+    with _start(cfg, out, resume, overwrite=False, adding_arm=True, check=check) as (cfg, folder, bundle, metrics):
         _finetune(cfg, bundle, folder, metrics, init, encoder, resume)
     return metrics["finetune"][init]
 
