@@ -20,6 +20,9 @@ from .conftest import tiny
 from .test_hostile import folder_data, one_line_error
 
 
+ONE_BLOCK = "model.blocks=[{channels: [8], kernel: 3}]"  # one greedy stage: a study in seconds
+
+
 def aepretrain(*args: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess[str], float]:
     """The CLI in a process of its own: its exit code, output and seconds, as a user sees them."""
     started = time.perf_counter()
@@ -139,8 +142,9 @@ def test_evaluate_tests_a_study_cell_on_the_studys_test_images(tmp_path: Path,
     data = folder_data(tmp_path / "data", ("cat", "dog", "owl"), per_class=20)  # no official test split
     data_flags = ["--dataset", "folder", "--root", str(data), "--image-size", "16"]
     out = tmp_path / "study"
-    assert main(["study", "--out", str(out), *tiny("study.epochs=1", "study.min_steps=0", "pretrain.epochs=1"),
-                 *data_flags, "--label-fractions", "0.5", "--seeds", "2", "--seed", "0"]) == 0
+    assert main(["study", "--out", str(out), *tiny("study.epochs=1", "study.min_steps=0", "pretrain.epochs=1",
+                                                   ONE_BLOCK), *data_flags, "--label-fractions", "0.5", "--seeds", "2",
+                 "--seed", "0"]) == 0
     cell = next(c for c in json.loads((out / "study.json").read_text())["cells"]
                 if (c["seed"], c["arm"]) == (1, "scratch"))
     checkpoint = out / "cells" / "f0.5-scratch-seed1" / "checkpoints" / "classifier-scratch.safetensors"
@@ -152,7 +156,7 @@ def test_evaluate_tests_a_study_cell_on_the_studys_test_images(tmp_path: Path,
 
     from aepretrain.pipeline import evaluation_data  # the test images `evaluate` took, by name
 
-    cfg = resolve("tiny", **{"data.dataset": "folder", "data.root": str(data)})
+    cfg = resolve("tiny", overrides=[ONE_BLOCK], **{"data.dataset": "folder", "data.root": str(data)})
     studied = prepare(cfg.data, 0)  # the split of the study's seed, which every cell shares
     cell_train = studied.train.take(nested_fractions(studied.train.labels, [0.5], 1)[0.5]).names
     tested = evaluation_data(cfg, load_classifier(checkpoint)[1], checkpoint).test.names
@@ -188,9 +192,6 @@ def test_a_fraction_no_process_can_train_on_is_refused_before_writing(tmp_path: 
                  "--device", "cpu"]) == 2  # before: exit 0, the 0.25 cells trained no step
     one_line_error(capsys, "study.label_fractions 0.25 gives 24 labelled images, 12 in each of 2 processes: ")
     assert not out.exists()
-
-
-ONE_BLOCK = "model.blocks=[{channels: [8], kernel: 3}]"
 
 
 def test_a_study_under_ddp_makes_min_steps_in_each_process(tmp_path: Path) -> None:
