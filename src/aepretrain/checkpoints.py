@@ -145,7 +145,16 @@ def load_classifier(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
     load_weights(model, state, path, assign=True)
     model.eval()
     return model, {"classes": classes, "in_channels": in_channels, "image_size": image_size,
-                   "preset": meta.get("preset"), "config": cfg}
+                   "preset": meta.get("preset"), "config": cfg, "split_seed": _split_seed(meta, path, cfg)}
+
+
+def _split_seed(meta: dict[str, str], path: str | Path, cfg: Config) -> int:
+    """The seed the classifier's data was split with: a study cell's own seed differs from its study's, whose
+    split every cell shares; a checkpoint without the field (a run's, or an older one) was split with its seed."""
+    if "split_seed" not in meta:
+        return cfg.seed
+    return _meta_value(meta, "split_seed", path, lambda v: type(v) is int and 0 <= v <= 2**31 - 1,
+                       "a seed from 0 to 2147483647")
 
 def _stage_of(meta: dict[str, str], path: str | Path, cfg: Config) -> int:
     depth = len(cfg.model.blocks)
@@ -153,15 +162,8 @@ def _stage_of(meta: dict[str, str], path: str | Path, cfg: Config) -> int:
 
 
 def load_stage_encoder(path: str | Path) -> tuple[Encoder, dict[str, str]]:
-    """The full-depth encoder with blocks 1..k from greedy stage k's checkpoint (the rest as initialised),
-    to fine-tune a classifier from."""
-    state, meta = read_checkpoint(path, "autoencoder")
-    cfg, in_channels = _model_meta(meta, path)
-    stage = _stage_of(meta, path, cfg)
-    with torch.device("meta"):  # as in load_classifier; the autoencoder shares the encoder's blocks
-        encoder = build_encoder(cfg.model, in_channels, for_classifier=False)
-        autoencoder = Autoencoder(encoder, stage)
-    load_weights(autoencoder, state, path, assign=True)
+    """Greedy stage k's encoder, blocks 1..k, to fine-tune a classifier from (its deeper blocks start fresh)."""
+    _autoencoder, encoder, meta = load_autoencoder(path)
     return encoder, meta
 
 

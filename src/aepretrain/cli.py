@@ -105,7 +105,7 @@ def resolve_args(args: argparse.Namespace) -> Any:
 
 
 def _resolve_args(args: argparse.Namespace) -> Any:
-    from .config import resolve
+    from .config import cut, resolve
     from .runfolder import saved_settings
 
     flags = {key: getattr(args, flag, None) for flag, key in COMMON.items()}
@@ -116,7 +116,7 @@ def _resolve_args(args: argparse.Namespace) -> Any:
                 flags[key] = [kind(v) for v in getattr(args, flag).split(",")]
             except ValueError:
                 raise UserError(f"--{flag.replace('_', '-')} takes comma-separated numbers, got "
-                                f"'{getattr(args, flag)}'") from None
+                                f"'{cut(getattr(args, flag))}'") from None
     if getattr(args, "pretrain_data", None):
         flags["pretrain.dataset"], flags["pretrain.root"] = pretrain_source(args.pretrain_data)
     cfg = resolve(args.preset or "quick", args.config, args.set, **flags)
@@ -131,8 +131,10 @@ def _resolve_args(args: argparse.Namespace) -> Any:
 
 def cmd_data(args: argparse.Namespace) -> None:
     from .data import prepare
+    from .fileio import check_folder
 
     cfg = resolve_args(args)
+    check_folder(args.out)  # before the data is read, not when the grid is drawn
     info = prepare(cfg.data, cfg.seed).describe(Path(args.out) / f"samples-{cfg.data.dataset}.png")
     grid = info["sample_grid"]
     if args.json:
@@ -195,7 +197,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from .pipeline import run_finetune
 
     r = run_finetune(resolve_args(args), args.out, args.init, args.encoder, resume=args.resume)
-    print(f"{args.init}: best val accuracy {r['best_val_accuracy']:.4f} at epoch {r['best_epoch']}, "
+    blocks = r.get("pretrained_blocks")
+    arm = f"{args.init} (blocks 1 to {blocks} pre-trained)" if blocks else args.init
+    print(f"{arm}: best val accuracy {r['best_val_accuracy']:.4f} at epoch {r['best_epoch']}, "
           f"test accuracy {r['test_accuracy']:.4f}, checkpoint {r['checkpoint']}")
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
-from .fileio import atomic_write
+from .fileio import atomic_write, first_line
 
 
 @dataclass
@@ -183,11 +183,56 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+MAX_SETTINGS_BYTES = 65_536  # a full config.yaml is 3 kB; pure-Python YAML reads this much in about a second
+MAX_NESTING = 16  # the deepest setting, model.blocks[i].channels[j], lies 4 levels down
+QUOTE_LIMIT = 80  # characters of a user's value an error message quotes
+
+
+def cut(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """``text`` as an error message quotes it: at most ``limit`` characters, then '...'.
+
+    >>> cut("short"), len(cut("x" * 10_000))
+    ('short', 83)
+    """
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class _SettingsLoader(yaml.SafeLoader):
+    """Safe YAML without what no settings file needs and a crafted one uses to take all memory and time: aliases
+    (a few hundred bytes of nested ``*name`` expand to billions of items) and deep nesting."""
+
+    def __init__(self, text: str, where: str) -> None:
+        super().__init__(text)
+        self.where, self.depth = where, 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        line = f"line {event.start_mark.line + 1}"
+        if isinstance(event, yaml.AliasEvent):
+            raise UserError(f"{self.where}, {line}: an alias (*{cut(event.anchor)}) is not accepted in settings; "
+                            "write the value out")
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise UserError(f"{self.where}, {line}: lists or mappings nested more than {MAX_NESTING} deep are not "
+                            "settings")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
 def _load_yaml(text: str, where: str) -> dict[str, Any]:
+    """The settings in ``text``: one line on a mistake, however the text was crafted."""
+    loader = _SettingsLoader(text, where)
     try:
-        loaded = yaml.safe_load(text)
+        loaded = loader.get_single_data()
     except yaml.YAMLError as exc:
-        raise UserError(f"{where} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{where} is not valid YAML: {cut(first_line(exc), 2 * QUOTE_LIMIT)}") from None
+    except ValueError as exc:  # a number of more than 4300 digits, a date like 2024-13-01
+        reason = first_line(exc).split(";")[0]
+        raise UserError(f"{where} holds a value YAML cannot read: {cut(reason, 2 * QUOTE_LIMIT)}") from None
+    finally:
+        loader.dispose()
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -224,12 +269,12 @@ def _coerce(value: Any, kind: Any, key: str, where: str) -> Any:
                 raise UserError(f"{where}: {key}[{bad}] must be a mapping with channels and kernel")
             return [_merge(BlockSpec([1]), block, f"{key}[{i}]", where) for i, block in enumerate(value)]
         if not isinstance(value, list):
-            raise UserError(f"{where}: {key} must be a list, got {value!r}")
+            raise UserError(f"{where}: {key} must be a list, got {cut(repr(value))}")
         return [_coerce(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
     if kind is bool and not isinstance(value, bool):
-        raise UserError(f"{where}: {key} must be true or false, got {value!r}")
+        raise UserError(f"{where}: {key} must be true or false, got {cut(repr(value))}")
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise UserError(f"{where}: {key} must be a whole number, got {value!r}")
+        raise UserError(f"{where}: {key} must be a whole number, got {cut(repr(value))}")
     if kind is float:
         if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
             try:
@@ -237,11 +282,11 @@ def _coerce(value: Any, kind: Any, key: str, where: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{where}: {key} must be a number, got {value!r}")
+            raise UserError(f"{where}: {key} must be a number, got {cut(repr(value))}")
         return float(value)
     if kind is str:
         if isinstance(value, (dict, list)):
-            raise UserError(f"{where}: {key} takes one value, not {value!r}")
+            raise UserError(f"{where}: {key} takes one value, not {cut(repr(value))}")
         return str(value)
     return value
 
@@ -253,14 +298,15 @@ def _merge(target: Any, updates: dict[str, Any], prefix: str, where: str) -> Any
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
             valid = [f"{prefix}.{name}" if prefix else name for name in fields]
-            raise UserError(f"unknown setting '{dotted}' in {where}{closest(dotted, valid)}")
+            raise UserError(f"unknown setting '{cut(dotted)}' in {where}{closest(dotted[:QUOTE_LIMIT], valid)}")
         current = getattr(target, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise UserError(f"{where}: {dotted} is a section; give it a mapping, not {value!r}")
+                raise UserError(f"{where}: {dotted} is a section; give it a mapping, not {cut(repr(value))}")
             _merge(current, value, dotted, where)
         elif isinstance(value, dict) and value:  # `--set data.root.x=1`: no setting lies under a value
-            raise UserError(f"unknown setting '{dotted}.{next(iter(value))}' in {where}: {dotted} is a value, "
+            inner = f"{dotted}.{next(iter(value))}"
+            raise UserError(f"unknown setting '{cut(inner)}' in {where}: {dotted} is a value, "
                             "not a section")
         else:
             setattr(target, key, _coerce(value, _hints(type(target))[key], dotted, where))
@@ -269,9 +315,11 @@ def _merge(target: Any, updates: dict[str, Any], prefix: str, where: str) -> Any
 
 def _dotted_to_nested(assignment: str) -> dict[str, Any]:
     if "=" not in assignment:
-        raise UserError(f"--set takes key=value, got '{assignment}'")
+        raise UserError(f"--set takes key=value, got '{cut(assignment)}'")
     key, raw = assignment.split("=", 1)
-    value = _load_yaml(f"v: {raw}", f"--set {assignment}")["v"] if raw.strip() else None
+    if len(raw) > MAX_SETTINGS_BYTES:
+        raise UserError(f"--set {cut(assignment)}: the value is longer than {MAX_SETTINGS_BYTES:,} characters")
+    value = _load_yaml(f"v: {raw}", f"--set {cut(assignment)}")["v"] if raw.strip() else None
     return _nest(key.strip(), value)
 
 
@@ -324,7 +372,7 @@ def check_range(key: str, value: Any, interval: str) -> None:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not number or not ((low <= value) if interval[0] == "[" else (low < value)) or \
             not ((value <= high) if interval[-1] == "]" else (value < high)):
-        raise UserError(f"{key} must lie in {interval}, got {value!r}")
+        raise UserError(f"{key} must lie in {interval}, got {cut(repr(value))}")
 
 
 def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -336,7 +384,8 @@ def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
     """
     if value not in choices:
         noun = re.sub(r"\[\d+\]$", "", key.split(".")[-1]).lstrip("-").removesuffix("s")
-        raise UserError(f"unknown {noun} {value!r} for {key}{closest(str(value), list(choices))}; "
+        hint = closest(str(value)[:QUOTE_LIMIT], list(choices))
+        raise UserError(f"unknown {noun} {cut(repr(value))} for {key}{hint}; "
                         f"choose one of {', '.join(choices)}")
 
 
@@ -373,6 +422,13 @@ def _validate(cfg: Config) -> None:
                        ("study.objectives", cfg.study.objectives)):
         if not value:
             raise UserError(f"{key} is empty; it needs at least one item")
+    # A study would run, and count, a cell twice; its folder is named after the fraction to 6 digits (f"{f:g}")
+    fractions = [f"{f:g}" for f in cfg.study.label_fractions]
+    for key, names, told in (("study.label_fractions", fractions, " (to 6 significant digits)"),
+                             ("study.objectives", cfg.study.objectives, "")):
+        twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+        if twice is not None:
+            raise UserError(f"{key} lists {cut(twice)} more than once{told}; give each once")
     for b, block in enumerate(cfg.model.blocks):
         if not block.channels:
             raise UserError(f"model.blocks[{b}].channels is empty; a block needs at least one convolution")
@@ -382,14 +438,14 @@ def _validate(cfg: Config) -> None:
     brightness = cfg.augment.brightness
     if len(brightness) != 2 or brightness[0] > brightness[1]:
         raise UserError(f"augment.brightness is a range of two numbers, low to high, like [0.7, 1.3]; got "
-                        f"{cfg.augment.brightness}")
+                        f"{cut(str(brightness))}")
     check_image_size("data.image_size", cfg.data.image_size, cfg.model)
     devices = cfg.trainer.devices
     count = devices.isdigit() and int(devices) > 0
     indices = "," in devices and all(part.isdigit() for part in devices.rstrip(",").split(","))
     if not (count or indices or devices in ("auto", "-1")):
         raise UserError(f"trainer.devices is auto, -1 (all), a count of at least 1 or a list of device indices "
-                        f"like 0,1; got {devices!r}")
+                        f"like 0,1; got {cut(repr(devices))}")
 
 
 def resolve(
@@ -405,7 +461,8 @@ def resolve(
     """
     names = preset_names()
     if preset not in names:
-        raise UserError(f"unknown preset '{preset}'{closest(preset, names)}; presets: {', '.join(names)}")
+        raise UserError(f"unknown preset '{cut(preset)}'{closest(preset[:QUOTE_LIMIT], names)}; "
+                        f"presets: {', '.join(names)}")
     cfg = Config(preset=preset)
     text = (resources.files("aepretrain") / "presets" / f"{preset}.yaml").read_text()
     _merge(cfg, _load_yaml(text, f"preset {preset}"), "", f"preset {preset}")
@@ -415,7 +472,7 @@ def resolve(
             raise UserError(f"config file not found: {path}")
         _merge(cfg, _load_yaml(_read_text(path), str(path)), "", str(path))
     for assignment in overrides or []:
-        _merge(cfg, _dotted_to_nested(assignment), "", f"--set {assignment}")
+        _merge(cfg, _dotted_to_nested(assignment), "", f"--set {cut(assignment)}")
     for key, value in flags.items():
         if value is not None:
             _merge(cfg, _nest(key, value), "", f"--{key.split('.')[-1]}")
@@ -497,8 +554,14 @@ def load(path: Path) -> Config:
 
 
 def _read_text(path: Path) -> str:
+    """A settings file's text; one that is larger than MAX_SETTINGS_BYTES is refused before it is read whole."""
     try:
-        return path.read_text()
+        with open(path, "rb") as f:
+            data = f.read(MAX_SETTINGS_BYTES + 1)
+        if len(data) > MAX_SETTINGS_BYTES:
+            raise UserError(f"{path} is larger than {MAX_SETTINGS_BYTES:,} bytes, more than any settings file "
+                            "holds (a full one is 3 kB)")
+        return data.decode()
     except UnicodeDecodeError:
         raise UserError(f"{path} is not a text file of settings (YAML): it does not decode as UTF-8") from None
     except OSError as exc:

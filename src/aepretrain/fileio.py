@@ -100,6 +100,15 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
+def check_folder(path: str | Path, flag: str = "--out") -> None:
+    """Refuse, before any work, a folder to write into that cannot be one: a file, or a path through a file."""
+    path = Path(path)
+    there = next((part for part in (path, *path.parents) if part.exists()), None)
+    if there is not None and not there.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder" if there == path else
+                        f"{flag} {path} cannot be a folder: {there} is a file")
+
+
 def is_global_zero() -> bool:
     """True in the one process that writes files (every process when not distributed). Before Lightning has set a
     distributed run up, a process knows its rank only from its launcher's environment: on a node other than the

@@ -105,19 +105,35 @@ def classifier_path(out: Path, init: str) -> Path:
 
 
 def new_classifier(cfg: Config, bundle: DataBundle, encoder: Encoder | None) -> Classifier:
-    """A classifier; with ``encoder``, its convolutional weights are copied from it (the pre-trained arm)."""
+    """A classifier; with ``encoder``, its first blocks are copied from it (the pre-trained arm)."""
     L.seed_everything(derive_seed(cfg.seed, "model-init"), verbose=False)  # the head starts the same in both arms
     classifier = Classifier(build_encoder(cfg.model, bundle.channels, True), len(bundle.classes), cfg.model.dropout)
     if encoder is not None:
-        load_weights(classifier.encoder, encoder.state_dict(), "the pre-trained encoder")
+        load_pretrained_blocks(classifier, encoder, "the pre-trained encoder")
     classifier.requires_grad_(True)
     return classifier
 
 
+def load_pretrained_blocks(classifier: Classifier, encoder: Encoder, source: str, assign: bool = False) -> None:
+    """The classifier's blocks 1..k from greedy stage k's encoder (every block, after a whole pre-training); deeper
+    blocks keep the start they were built with, which is the scratch arm's, so that the arms differ only in what
+    was pre-trained. A block that does not fit is named in one line."""
+    blocks = nn.ModuleDict({"blocks": classifier.encoder.blocks[: len(encoder.blocks)]})
+    load_weights(blocks, encoder.state_dict(), source, assign=assign)
+
+
+def check_encoder(cfg: Config, bundle: DataBundle, encoder: Encoder, source: str) -> None:
+    """Refuse an encoder the classifier of these settings and data cannot start from, allocating nothing."""
+    with torch.device("meta"):
+        classifier = Classifier(build_encoder(cfg.model, bundle.channels, True), len(bundle.classes), 0.0)
+    load_pretrained_blocks(classifier, encoder, source, assign=True)
+
+
 def finetune(cfg: Config, bundle: DataBundle, out: Path, init: str, encoder: Encoder | None = None,
-             resume: bool = False, val_every: int = 1) -> ArmResult:
+             resume: bool = False, split_seed: int | None = None, val_every: int = 1) -> ArmResult:
     """Train one arm; ``init`` is ``pretrained`` (``encoder`` required) or ``scratch``; validated every
-    ``val_every`` epochs."""
+    ``val_every`` epochs. ``split_seed``: the seed ``bundle`` was split with, where it is not ``cfg.seed`` (a study
+    cell); the checkpoint records it, so that `evaluate` tests on the same test images."""
     if init == "pretrained" and encoder is None:
         raise UserError("the pretrained arm needs the pre-trained encoder")
     classifier = new_classifier(cfg, bundle, encoder if init == "pretrained" else None)
@@ -134,8 +150,11 @@ def finetune(cfg: Config, bundle: DataBundle, out: Path, init: str, encoder: Enc
     def finish(history: History) -> tuple[dict[str, Any], dict[str, Any]]:
         if best.state is not None:
             classifier.load_state_dict(best.state)
-        return ({"best_val_accuracy": best.best_accuracy, "best_epoch": best.best_epoch},
-                {"classes": bundle.classes, "arm": init, "best_epoch": best.best_epoch})
+        pretrained_blocks = len(encoder.blocks) if init == "pretrained" and encoder is not None else 0
+        return ({"best_val_accuracy": best.best_accuracy, "best_epoch": best.best_epoch,
+                 "pretrained_blocks": pretrained_blocks},
+                {"classes": bundle.classes, "arm": init, "best_epoch": best.best_epoch,
+                 "split_seed": cfg.seed if split_seed is None else split_seed})
 
     fit = Fit(classifier_path(out, init), "classifier", data, f.epochs, ARM_SUMMARY, callbacks, val_every)
     record = fit_or_restore(classifier_module(classifier, cfg, init), fit, cfg, out, bundle.channels, resume, finish)

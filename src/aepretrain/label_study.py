@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from .config import Config, differences, from_dict
+from .config import Config, TrainerConfig, differences, from_dict
 from .data import DataBundle, labels_required, prepare, pretrain_images
-from .data.loading import batches_per_epoch
 from .data.splits import stratified_subset
-from .errors import UserError
 from .checkpoints import load_stage_encoder
+from .errors import UserError
 from .evaluate import evaluate
 from .fileio import first_line, is_global_zero, write_json
 from .finetune import epochs_to_target, finetune
@@ -238,8 +238,62 @@ def _open_study(cfg: Config, out: Path) -> dict[str, Any]:
     return record
 
 
+def processes(t: TrainerConfig) -> int:
+    """The processes a fit runs in: devices per node (``auto`` and ``-1``: every GPU where GPUs are used, else one)
+    times nodes.
+
+    >>> processes(TrainerConfig(device="cpu", devices="2", num_nodes=3)), processes(TrainerConfig(devices="0,1"))
+    (6, 2)
+    """
+    if t.devices in ("auto", "-1"):
+        gpus = torch.cuda.device_count() if t.device in ("auto", "cuda", "gpu") else 0
+        per_node = max(1, gpus)
+    elif t.devices.isdigit():
+        per_node = int(t.devices)
+    else:
+        per_node = len([index for index in t.devices.split(",") if index.strip()])
+    return per_node * t.num_nodes
+
+
+def batches_per_process(images: int, batch_size: int, processes: int) -> int:
+    """Optimizer steps an epoch of a cell's training loader makes in each process: Lightning's distributed sampler
+    gives each process ceil(images / processes) of them, and the loader drops a last partial batch unless all the
+    images are one batch.
+
+    >>> batches_per_process(100, 16, 1), batches_per_process(100, 16, 2), batches_per_process(20, 16, 2)
+    (6, 3, 0)
+    """
+    if images <= batch_size:
+        return 1
+    return math.ceil(images / processes) // batch_size
+
+
+def cell_epochs(cfg: Config, fraction: float, images: int, processes: int) -> int:
+    """A cell's budget: ``study.epochs``, more where the fraction is too small for ``study.min_steps`` optimizer
+    steps in each process; one line where a process would get no batch at all.
+
+    >>> from aepretrain.config import resolve
+    >>> cfg = resolve("tiny", overrides=["study.epochs=1", "study.min_steps=10"])
+    >>> cell_epochs(cfg, 1.0, 86, 1), cell_epochs(cfg, 1.0, 86, 2)  # 5 batches an epoch, or 2 in each process
+    (2, 5)
+    """
+    per_epoch = batches_per_process(images, cfg.finetune.batch_size, processes)
+    if per_epoch == 0:
+        raise UserError(f"study.label_fractions {fraction:g} gives {images} labelled images, "
+                        f"{math.ceil(images / processes)} in each of {processes} processes: not one batch of "
+                        f"finetune.batch_size {cfg.finetune.batch_size}; take a larger fraction, a smaller batch or "
+                        "fewer devices")
+    return max(cfg.study.epochs, math.ceil(cfg.study.min_steps / per_epoch))
+
+
 def study(cfg: Config, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
-    """Run (or resume) the study into ``out``; returns study.json as a dict."""
+    """Run (or resume) the study into ``out``; returns study.json as a dict. A fraction too small to train is
+    refused before the folder is written."""
+    set_threads()
+    bundle = study_data(cfg)  # a mistake in the data is said before any task starts
+    labelled = nested_fractions(bundle.train.labels, cfg.study.label_fractions, cfg.seed)  # as large for any seed
+    for fraction, subset in labelled.items():
+        cell_epochs(cfg, fraction, len(subset), processes(cfg.trainer))
     with run_folder(out, "study", resume=True, overwrite=overwrite) as folder:
         return _study(cfg, folder)
 
@@ -251,8 +305,6 @@ def _study(cfg: Config, out: Path) -> dict[str, Any]:
     record.setdefault("pretraining", [])
     done = {(c["fraction"], c["arm"], c["seed"]) for c in record["cells"]}
     pretrained = {(p["objective"], p["seed"]) for p in record["pretraining"]}
-    set_threads()
-    study_data(cfg)  # a mistake in the data is said before any task starts
     seeds = range(cfg.seed, cfg.seed + s.seeds)
     pretrainings = [(objective, seed) for seed in seeds for objective in objectives if (objective, seed) not in pretrained]
     cells = [(fraction, arm, seed) for seed in seeds for fraction in sorted(s.label_fractions)
@@ -338,20 +390,19 @@ def run_cell(cfg: Config, out: Path, fraction: float, arm: str, seed: int) -> di
 
 def _cell(cfg: Config, labelled: DataBundle, out: Path, fraction: float, arm: str, seed: int,
           encoder: Encoder | None) -> dict[str, Any]:
-    """One arm fine-tuned on one labelled fraction with one seed, tested; every arm of a cell has the same budget:
-    ``study.epochs``, more where the fraction is too small for ``study.min_steps`` optimizer steps."""
+    """One arm fine-tuned on one labelled fraction with one seed, tested; every arm of a cell has the same budget
+    (:func:`cell_epochs`)."""
     c = _seeded(cfg, seed)
-    batch = cfg.finetune.batch_size
-    per_epoch = batches_per_epoch(len(labelled.train), batch, drop_last=True)
-    every = val_every(per_epoch * batch, len(labelled.val))
-    epochs = max(cfg.study.epochs, math.ceil(cfg.study.min_steps / per_epoch))
+    batch, workers = cfg.finetune.batch_size, processes(cfg.trainer)
+    every = val_every(batches_per_process(len(labelled.train), batch, workers) * batch, len(labelled.val))
+    epochs = cell_epochs(cfg, fraction, len(labelled.train), workers)
     c.finetune.epochs = math.ceil(epochs / every) * every  # the last epoch is validated too
     if cfg.trainer.smoke:  # Lightning runs two batches an epoch, so the budget above is not what runs
         c.finetune.epochs, every = 1, 1
     c.finetune.early_stopping_patience = None  # every cell trains its whole budget
     folder = out / "cells" / f"f{fraction:g}-{arm}-seed{seed}"
     result = finetune(c, labelled, folder, "scratch" if arm == "scratch" else "pretrained", encoder, resume=True,
-                      val_every=every)
+                      split_seed=cfg.seed, val_every=every)  # every cell's data is split from the study's seed
     scores, history = evaluate(result.classifier, labelled.test, labelled.classes), result.record.history
     validating = sum(row.get("val_seconds", 0.0) for row in history)
     return {"fraction": fraction, "arm": arm, "seed": seed, "labelled": len(labelled.train),

@@ -15,9 +15,10 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,8 @@ from .config import Config, differences
 from .data import DataBundle, labels_required, prepare, pretrain_images
 from .errors import UserError
 from .evaluate import evaluate
-from .fileio import is_global_zero, write_json
-from .finetune import ArmResult, classifier_path, epochs_to_target, finetune
+from .fileio import check_folder, is_global_zero, write_json
+from .finetune import ArmResult, check_encoder, classifier_path, epochs_to_target, finetune
 from .models import Encoder
 from .prediction import top_k
 from .pretrain import PretrainResult, pretrain, reconstruct, stage_path
@@ -72,24 +73,26 @@ def reconcile(cfg: Config, saved: Config, out: Path) -> Config:
 
 
 @contextmanager
-def _start(cfg: Config, out: Path, resume: bool, overwrite: bool, adding_arm: bool = False
+def _start(cfg: Config, out: Path, resume: bool, overwrite: bool, adding_arm: bool = False,
+           check: Callable[[Config, DataBundle], None] | None = None
            ) -> Iterator[tuple[Config, Path, DataBundle, dict[str, Any]]]:
     """Open and lock the run folder, settle the settings, prepare and describe the data.
 
     A resumed run, or an arm added to one, keeps the settings it was started with (verified before
-    anything is written).
+    anything is written). ``check`` refuses what does not fit the data, before the settings are saved.
     """
     set_threads()
     main = is_global_zero()
     with run_folder(out, "run", resume or adding_arm, overwrite) as out:
-        if main:  # other DDP processes start once the first has set the folder up
-            saved = saved_settings(out)
-            if saved is None:
-                save_settings(cfg, out)
-            else:
-                cfg = reconcile(cfg, saved, out)
+        saved = saved_settings(out) if main else None  # other DDP processes start once the first has set it up
+        if saved is not None:
+            cfg = reconcile(cfg, saved, out)
         bundle = prepare(cfg.data, cfg.seed, progress=cfg.trainer.progress)
         labels_required(bundle)
+        if check is not None:
+            check(cfg, bundle)
+        if main and saved is None:
+            save_settings(cfg, out)
         write_json(out / "data.json", bundle.describe(out / "figures" / "samples.png" if main else None))
         metrics = _metrics(out) | {
             "preset": cfg.preset, "seed": cfg.seed, "smoke": cfg.trainer.smoke,
@@ -141,24 +144,45 @@ def run_pretrain(cfg: Config, out: str | Path, resume: bool = False, overwrite: 
 
 def run_finetune(cfg: Config, out: str | Path, init: str, encoder_path: str | None = None,
                  resume: bool = False) -> dict[str, Any]:
-    """One arm; the pretrained arm takes the last stage's encoder from the run folder or ``encoder_path``."""
+    """One arm; the pretrained arm takes the last stage's encoder from the run folder or ``encoder_path``, any
+    greedy stage's: blocks 1..k pre-trained, the deeper ones starting as the scratch arm's. The encoder is checked
+    before anything is written."""
     out = Path(out)
-    path = Path(encoder_path) if encoder_path else stage_path(out, len(cfg.model.blocks))
-    if init == "pretrained" and not path.is_file():
-        raise UserError(f"no pre-trained encoder at {path}: run `aepretrain pretrain --out {out}` first "
-                        "or pass --encoder PATH")
-    with _start(cfg, out, resume, overwrite=False, adding_arm=True) as (cfg, folder, bundle, metrics):
-        encoder = load_stage_encoder(path)[0] if init == "pretrained" else None
+    encoder, check = None, None
+    if init == "pretrained":
+        path = Path(encoder_path) if encoder_path else stage_path(out, len(cfg.model.blocks))
+        if not path.is_file():
+            raise UserError(f"no pre-trained encoder at {path}: run `aepretrain pretrain --out {out}` first "
+                            "or pass --encoder PATH")
+        encoder = load_stage_encoder(path)[0]
+        check = functools.partial(check_encoder, encoder=encoder, source=str(path))
+    with _start(cfg, out, resume, overwrite=False, adding_arm=True, check=check) as (cfg, folder, bundle, metrics):
         _finetune(cfg, bundle, folder, metrics, init, encoder, resume)
     return metrics["finetune"][init]
 
 
 def run_evaluate(cfg: Config, checkpoint: str | Path, out: Path | None) -> dict[str, Any]:
     """Test a classifier checkpoint on the test split of the configured data."""
+    if out is not None:
+        check_folder(out)  # before the work, not after it
     classifier, meta = load_classifier(checkpoint)
-    trained = meta["config"]  # the split the model was trained with, so its training images stay out of the test
+    bundle = evaluation_data(cfg, meta, checkpoint)
+    scores = evaluate(classifier, bundle.test, bundle.classes)
+    if out is not None:
+        scores["figure"] = str(figures.confusion(scores["confusion"], bundle.classes, Path(checkpoint).stem,
+                                                 out / f"confusion-{Path(checkpoint).stem}.png"))
+    return scores
+
+
+def evaluation_data(cfg: Config, meta: dict[str, Any], checkpoint: str | Path) -> DataBundle:
+    """The configured data split as the classifier's training data was (its split settings and the seed of its
+    split, which a study cell records), so that none of its training images is tested on; refused where its
+    classes, channels or image size differ from the checkpoint's."""
+    if meta["image_size"] != cfg.data.image_size:
+        raise UserError(f"{checkpoint} expects {meta['image_size']}px images; pass --image-size {meta['image_size']}")
+    trained = meta["config"]
     split = {k: getattr(trained.data, k) for k in ("val_fraction", "test_fraction", "train_limit", "test_limit")}
-    bundle = prepare(dataclasses.replace(cfg.data, **split), trained.seed, progress=cfg.trainer.progress)
+    bundle = prepare(dataclasses.replace(cfg.data, **split), meta["split_seed"], progress=cfg.trainer.progress)
     labels_required(bundle)
     if len(meta["classes"]) != len(bundle.classes) or meta["in_channels"] != bundle.channels:
         raise UserError(f"{checkpoint} was trained on {len(meta['classes'])} classes of {meta['in_channels']} "
@@ -167,13 +191,7 @@ def run_evaluate(cfg: Config, checkpoint: str | Path, out: Path | None) -> dict[
         trained_on, here = next((a, b) for a, b in zip(meta["classes"], bundle.classes) if a != b)
         raise UserError(f"{checkpoint} was trained on other classes than the data's, though as many: class "
                         f"{meta['classes'].index(trained_on)} is '{trained_on}' there and '{here}' here")
-    if meta["image_size"] != bundle.image_size:
-        raise UserError(f"{checkpoint} expects {meta['image_size']}px images; pass --image-size {meta['image_size']}")
-    scores = evaluate(classifier, bundle.test, bundle.classes)
-    if out is not None:
-        scores["figure"] = str(figures.confusion(scores["confusion"], bundle.classes, Path(checkpoint).stem,
-                                                 out / f"confusion-{Path(checkpoint).stem}.png"))
-    return scores
+    return bundle
 
 
 def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from .callbacks import FiniteEpoch, FiniteLoss, History, SampleCount
 from .checkpoints import read_finished, save_model
-from .config import Config, TrainerConfig
+from .config import Config, TrainerConfig, cut
 from .errors import UserError
 from .fileio import first_line, write_json, write_stream
 
@@ -119,8 +119,11 @@ def fit_or_restore(module: TrainingModule, fit: Fit, cfg: Config, out: Path, cha
     if done is not None:
         return Record.from_json(module.name, done)
     history = History(cfg.seed)
+    last = last_checkpoint(out, module.name, resume)
+    if last is not None:
+        check_resumable(last, module)  # before Lightning starts, and warns about the folders it finds
     run = trainer(cfg.trainer, out, module.name, fit.epochs, [*fit.callbacks, history], fit.val_every)
-    run.fit(module, *fit.data, ckpt_path=last_checkpoint(out, module.name, resume), weights_only=True)
+    run.fit(module, *fit.data, ckpt_path=last, weights_only=True)
     summary, meta = finish(history)
     save_model(module.model, fit.weights, fit.kind, cfg, channels, meta)
     record = Record(module.name, history.epochs, history.seconds(), history.resumed_from, summary)
@@ -170,10 +173,72 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                             "the previous checkpoint is intact (--resume continues from it)") from None
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
-            raise UserError(f"cannot load checkpoint {path} safely: {first_line(exc)[:200]}") from None
+        return load_safely(Path(path))
+
+
+def load_safely(path: Path, remedy: str = "") -> Any:
+    """A Lightning checkpoint read without unpickling code; one whole sentence if it cannot be."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+    except pickle.UnpicklingError:
+        reason = "it holds objects other than tensors and plain values, which are refused, not run"
+    except (RuntimeError, EOFError) as exc:  # the first sentence; the rest is PyTorch's advice on torch.load
+        reason = f"it is cut or is no PyTorch checkpoint ({cut(first_line(exc).split('. ')[0], 160)})"
+    except OSError as exc:
+        reason = exc.strerror or first_line(exc)
+    raise UserError(f"cannot load checkpoint {path} safely: {reason}{remedy}")
+
+
+RESUME_KEYS = ("pytorch-lightning_version", "epoch", "global_step", "state_dict", "loops", "callbacks",
+               "optimizer_states", "lr_schedulers")  # what Lightning reads to continue a fit
+
+
+def check_resumable(path: Path, module: TrainingModule) -> None:
+    """Refuse, in one line, an epoch checkpoint this fit cannot continue from: one that does not load safely,
+    lacks what Lightning reads, or holds weights or optimizer state of another model."""
+    remedy = f"; remove it to train {module.name} again from its first epoch"
+    checkpoint = load_safely(path, remedy)
+    missing = [key for key in RESUME_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    problem = f"it lacks '{missing[0]}'" if missing else _weights_problem(checkpoint["state_dict"], module) or \
+        _optimizer_problem(checkpoint["optimizer_states"], module)
+    if problem:
+        raise UserError(f"cannot resume {module.name} from {path}: {problem}{remedy}")
+
+
+def _weights_problem(state: Any, module: TrainingModule) -> str | None:
+    own = module.state_dict()
+    if not isinstance(state, dict):
+        return "its 'state_dict' holds no weights"
+    for name, tensor in own.items():
+        theirs = state.get(name)
+        if not isinstance(theirs, torch.Tensor):
+            return f"its weights lack layer '{name}'"
+        if theirs.shape != tensor.shape:
+            return f"its layer '{name}' has shape {tuple(theirs.shape)}, {tuple(tensor.shape)} here"
+    extra = sorted(set(state) - set(own), key=str)
+    return f"its weights hold layer '{cut(str(extra[0]))}', which this model lacks" if extra else None
+
+
+def _optimizer_problem(states: Any, module: TrainingModule) -> str | None:
+    """The Adam state of :meth:`TrainingModule.configure_optimizers`: one optimizer, a moment per parameter."""
+    params = [p for p in module.model.parameters() if p.requires_grad]
+    groups = states[0].get("param_groups") if isinstance(states, list) and len(states) == 1 and \
+        isinstance(states[0], dict) else None
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                               for g in groups):
+        return "its 'optimizer_states' is not the state of one optimizer"
+    count = sum(len(g["params"]) for g in groups)
+    if count != len(params):
+        return f"its optimizer state is for {count} parameters, this model trains {len(params)}"
+    moments = states[0].get("state")
+    for index, values in (moments.items() if isinstance(moments, dict) else [(None, None)]):
+        if not (type(index) is int and 0 <= index < count and isinstance(values, dict)):
+            return "its optimizer state is not one set of moments per parameter"
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != params[index].shape:
+                return f"its optimizer's '{cut(str(key))}' of parameter {index} has shape {tuple(value.shape)}, " \
+                       f"{tuple(params[index].shape)} here"
+    return None
 
 
 def trainer(t: TrainerConfig, out: Path, name: str, epochs: int, callbacks: Sequence[Callback],
