@@ -256,7 +256,7 @@ def _finetuning(m: dict[str, Any], fig: Path, beside: bool) -> list[Block]:
     rows = []
     for arm, r in m["finetune"].items():
         ours = [arm, r["test_loss"], percent(r["test_accuracy"]), percent(r["best_val_accuracy"]), r["best_epoch"],
-                r["epochs"], _to_target(r), duration(r["seconds"]), _seen(r["history"])]
+                r["epochs"], r["epochs_to_target"] or "not reached", duration(r["seconds"]), _seen(r["history"])]
         lab = REFERENCE.get(arm)
         if beside:
             ours += [lab["test_loss"], percent(lab["test_accuracy"]), lab["epochs"]] if lab else ["", "", ""]
