@@ -52,7 +52,7 @@ def test_run_writes_every_key_file_and_figure(tiny_run: Path) -> None:
     assert (tiny_run / "logs" / "scratch" / "metrics.csv").is_file()
     assert list((tiny_run / "logs" / "stage1").glob("events.out.tfevents.*"))
     html = (tiny_run / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 8 and "1,128,997" in html and "0.6678" in html
+    assert html.count("data:image/png;base64,") == 8 and "1,128,997" in html and "66.78 %" in html
 
 
 def test_predict_top3_sorted_and_summing_to_at_most_one(tiny_run: Path, tmp_path: Path,

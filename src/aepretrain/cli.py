@@ -177,11 +177,13 @@ def cmd_summary(args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> None:
     from .pipeline import run
 
+    from .report import NO_VERDICT, percent, reached_text
+
     metrics = run(resolve_args(args), args.out, resume=args.resume, overwrite=args.overwrite)
     print(f"\nrun folder: {args.out}  (report.html, report.md, metrics.json, figures/, checkpoints/)")
     for arm, r in metrics["finetune"].items():
-        print(f"{arm:>10}: test accuracy {r['test_accuracy']:.4f}, test loss {r['test_loss']:.4f}, "
-              f"epochs to target {r['epochs_to_target']}")
+        print(f"{arm:>10}: test accuracy {percent(r['test_accuracy'])}, {reached_text(r, metrics)}")
+    print(NO_VERDICT)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:

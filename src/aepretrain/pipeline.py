@@ -72,6 +72,12 @@ def reconcile(cfg: Config, saved: Config, out: Path) -> Config:
     return saved
 
 
+def _labelled_data(cfg: Config) -> DataBundle:
+    bundle = prepare(cfg.data, cfg.seed, progress=cfg.trainer.progress)
+    labels_required(bundle)
+    return bundle
+
+
 @contextmanager
 def _start(cfg: Config, out: Path, resume: bool, overwrite: bool, adding_arm: bool = False,
            check: Callable[[Config, DataBundle], None] | None = None
@@ -79,19 +85,27 @@ def _start(cfg: Config, out: Path, resume: bool, overwrite: bool, adding_arm: bo
     """Open and lock the run folder, settle the settings, prepare and describe the data.
 
     A resumed run, or an arm added to one, keeps the settings it was started with (verified before
-    anything is written). ``check`` refuses what does not fit the data, before the settings are saved.
+    anything is written). The data is prepared and checked before the folder is written, so a wrong root or
+    data set leaves nothing in the way of the corrected command; so does ``check``, which refuses what does not
+    fit the data (an encoder of another shape).
     """
     set_threads()
     main = is_global_zero()
-    with run_folder(out, "run", resume or adding_arm, overwrite) as out:
-        saved = saved_settings(out) if main else None  # other DDP processes start once the first has set it up
+    bundle: DataBundle | None = None
+
+    def settle(replacing: bool) -> None:  # under the folder's lock, before anything is written in it
+        nonlocal cfg, bundle
+        saved = None if replacing else saved_settings(out)
         if saved is not None:
             cfg = reconcile(cfg, saved, out)
-        bundle = prepare(cfg.data, cfg.seed, progress=cfg.trainer.progress)
-        labels_required(bundle)
+        bundle = _labelled_data(cfg)
         if check is not None:
             check(cfg, bundle)
-        if main and saved is None:
+
+    with run_folder(out, "run", resume or adding_arm, overwrite, before_writing=settle) as out:
+        if bundle is None:  # another DDP process: the first one settled the folder
+            bundle = _labelled_data(cfg)
+        if main and saved_settings(out) is None:
             save_settings(cfg, out)
         write_json(out / "data.json", bundle.describe(out / "figures" / "samples.png" if main else None))
         metrics = _metrics(out) | {
@@ -211,8 +225,9 @@ def _run(cfg: Config, out: Path, bundle: DataBundle, metrics: dict[str, Any], re
     target = f.target_accuracy if f.target_accuracy is not None else \
         f.target_fraction * arms[reference_arm].record.summary["best_val_accuracy"]
     metrics["target_accuracy"] = target
-    metrics["target_rule"] = ("set by finetune.target_accuracy" if f.target_accuracy is not None else
-                              f"{f.target_fraction:g} x the {reference_arm} arm's best validation accuracy")
+    metrics["target_rule"] = (
+        "the validation accuracy set by finetune.target_accuracy" if f.target_accuracy is not None
+        else f"{f.target_fraction * 100:g} % of the {reference_arm} arm's best validation accuracy")
     for init, arm in arms.items():
         metrics["finetune"][init]["epochs_to_target"] = epochs_to_target(arm.record.history, target)
 

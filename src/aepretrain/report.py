@@ -1,4 +1,5 @@
-"""The report: every table of the reference with our numbers beside it, and every figure.
+"""The report: what the run shows first, then every table and figure; the lab report's numbers beside ours
+where the run did its task (:func:`reference.same_task`), in a section of their own where it did another.
 
 It reads only what a run wrote (config.yaml, data.json, metrics.json, figures/), so
 ``aepretrain report DIR`` rebuilds it from a run folder. One list of blocks renders to both
@@ -19,7 +20,7 @@ from .errors import UserError
 from .fileio import first_line, printable
 from .models import summary
 from .probe import KNN_K
-from .reference import REFERENCE
+from .reference import REFERENCE, SETUP, same_task
 from .runfolder import MARKER, SETTINGS, saved_settings
 
 Block = tuple[str, Any]
@@ -35,6 +36,52 @@ def _fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}g}" if abs(value) < 1e-3 and value != 0 else f"{value:.{digits}f}"
     return str(value)
+
+
+def percent(value: float | None) -> str:
+    """An accuracy for people.
+
+    >>> percent(0.89562), percent(None)
+    ('89.56 %', 'n/a')
+    """
+    return "n/a" if value is None else f"{value * 100:.2f} %"
+
+
+def duration(seconds: float | None) -> str:
+    """Seconds for people.
+
+    >>> duration(3.04), duration(125.4), duration(660), duration(3725)
+    ('3.0 s', '2 min 5 s', '11 min', '1 h 2 min')
+    """
+    if seconds is None:
+        return "n/a"
+    whole = round(seconds)
+    if whole < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes} min {rest} s" if rest else f"{minutes} min"
+    return f"{minutes // 60} h {minutes % 60} min"
+
+
+def epochs_text(count: int) -> str:
+    return f"{count} epoch{'' if count == 1 else 's'}"
+
+
+def target_text(m: dict[str, Any]) -> str:
+    """The target validation accuracy of epochs to target, said in full:
+    "95 % of the scratch arm's best validation accuracy (23.75 %)"."""
+    return f"{m['target_rule']} ({percent(m['target_accuracy'])})"
+
+
+def reached_text(arm: dict[str, Any], m: dict[str, Any]) -> str:
+    """Whether and when an arm reached the target, e.g. "reached 95 % of ... (23.75 %) in 3 epochs"."""
+    if arm["epochs_to_target"] is None:
+        return f"did not reach {target_text(m)} in its {epochs_text(arm['epochs'])}"
+    return f"reached {target_text(m)} in {epochs_text(arm['epochs_to_target'])}"
+
+
+NO_VERDICT = "one seed gives no verdict: `aepretrain study` measures the gain over seeds with a 95 % interval"
 
 
 def _seen(history: list[dict[str, Any]]) -> int | None:
@@ -74,26 +121,68 @@ def finished_metrics(out: Path) -> dict[str, Any]:
 
 
 def blocks(out: Path) -> list[Block]:
-    """The report, section by section, from the files of a finished run folder."""
+    """The report, section by section, from the files of a finished run folder. The lab report's numbers stand
+    beside ours only where the run did its task; otherwise in a section of their own at the end."""
     cfg = _load(out, "config.yaml")
     data, m = _load(out, "data.json"), finished_metrics(out)
     fig = out / "figures"
-    return [*_settings(cfg, m), *_data(m, data, fig), *_models(cfg, m), *_pretraining(m, fig), *_probes(m, fig),
-            *_finetuning(m, fig), *_prediction(m, fig)]
+    d = m["dataset"]
+    classifier = summary(cfg.model, d["image_size"], d["channels"], len(d["classes"]))["classifier"]
+    beside = same_task(cfg.model, d)
+    return [("h1", f"aepretrain report: preset {m['preset']}"), *_conclusions(m, beside), *_settings(cfg, m),
+            *_data(m, data, fig), *_models(classifier, beside), *_pretraining(m, fig, beside), *_probes(m, fig),
+            *_finetuning(m, fig, beside), *_prediction(m, fig, beside), *([] if beside else _lab(classifier, d))]
+
+
+def _conclusions(m: dict[str, Any], beside: bool) -> list[Block]:
+    """The first paragraph: what this run shows, and what one run cannot."""
+    arms, said = m["finetune"], []
+    if m["smoke"]:
+        said.append("**A smoke run** (a few batches): its numbers mean nothing")
+    said.append("Test accuracy: " + ", ".join(f"{arm} **{percent(r['test_accuracy'])}**" for arm, r in arms.items())
+                + (f", a gap of {(arms['pretrained']['test_accuracy'] - arms['scratch']['test_accuracy']) * 100:+.2f} "
+                   "points (pre-trained minus scratch)" if {"pretrained", "scratch"} <= arms.keys() else ""))
+    said.append(f"Epochs to the target, {target_text(m)}: "
+                + ", ".join(f"{arm} {_to_target(r)}" for arm, r in arms.items()))
+    if m.get("probes"):
+        best = {e: max((r for r in m["probes"] if r["encoder"] == e), key=lambda r: r["linear_test"])
+                for e in ("pretrained", "random")}
+        said.append(f"A linear probe of the frozen features does best at depth {best['pretrained']['depth']} of the "
+                    f"pre-trained encoder ({percent(best['pretrained']['linear_test'])} test accuracy), against "
+                    f"{percent(best['random']['linear_test'])} at depth {best['random']['depth']} of the random one")
+    said.append(NO_VERDICT[0].upper() + NO_VERDICT[1:])
+    said.append("This run did the lab report's task (Oxford-IIIT Pet, 37 breeds, 224x224, its network): the lab's "
+                "numbers stand beside ours in the tables" if beside else
+                "The lab report that this project reproduces did another task: its numbers are in the last section, "
+                "for orientation, not comparable with ours")
+    return [("h2", "What this run shows"), ("p", ". ".join(said) + ".")]
+
+
+def _to_target(arm: dict[str, Any]) -> str:
+    n = arm["epochs_to_target"]
+    return f"not reached in {epochs_text(arm['epochs'])}" if n is None else epochs_text(n)
+
+
+def _augmentation(a: Any) -> str:
+    done = [f"rotation up to ±{a.rotation:g}°"] if a.rotation else []
+    done += [f"zoom ±{a.zoom:.0%}"] if a.zoom else []
+    done += [f"brightness x{a.brightness[0]:g} to x{a.brightness[1]:g}"] if list(a.brightness) != [1, 1] else []
+    done += ["horizontal flip"] if a.hflip else []
+    return ", ".join(done) or "none"
 
 
 def _settings(cfg: Any, m: dict[str, Any]) -> list[Block]:
     d, f, p = m["dataset"], cfg.finetune, cfg.pretrain
-    return [("h1", f"aepretrain report: preset {m['preset']}"),
-            ("p", f"Data set **{d['name']}** ({len(d['classes'])} classes, {d['image_size']}x{d['image_size']}x"
-                  f"{d['channels']}), seed {m['seed']}, precision **{m['precision']}**"
-                  f"{', SMOKE RUN (a few batches: numbers mean nothing)' if m['smoke'] else ''}. "
-                  f"Pre-training: Adam lr {p.lr:g}, {p.epochs} epochs per stage, batch {p.batch_size}, schedule "
-                  f"{p.schedule}. Fine-tuning: Adam lr {f.lr:g}, up to {f.epochs} epochs, batch {f.batch_size}, "
-                  f"schedule {f.schedule}, early stopping patience {f.early_stopping_patience}. Augmentation: "
-                  f"rotation ±{cfg.augment.rotation:g}°, zoom {cfg.augment.zoom:.0%}, brightness "
-                  f"{cfg.augment.brightness}, horizontal flip {cfg.augment.hflip}. First-convolution stride: "
-                  f"classifier {cfg.model.classifier_stride}, autoencoders {cfg.model.autoencoder_stride}.")]
+    precision = "fp32" if m["precision"] == "32" else m["precision"]
+    stopping = ("off" if f.early_stopping_patience is None else
+                f"after {epochs_text(f.early_stopping_patience)} without a better validation accuracy")
+    return [("h2", "Settings"),
+            ("p", f"Data set **{d['name']}** ({len(d['classes']):,} classes, {d['image_size']}x{d['image_size']}x"
+                  f"{d['channels']}), seed {m['seed']}, precision {precision}. Pre-training: Adam lr {p.lr:g}, "
+                  f"{epochs_text(p.epochs)} per stage, batch {p.batch_size}, schedule {p.schedule}. Fine-tuning: "
+                  f"Adam lr {f.lr:g}, up to {epochs_text(f.epochs)}, batch {f.batch_size}, schedule {f.schedule}, "
+                  f"early stopping {stopping}. Augmentation: {_augmentation(cfg.augment)}. First-convolution "
+                  f"stride: classifier {cfg.model.classifier_stride}, autoencoders {cfg.model.autoencoder_stride}.")]
 
 
 def _data(m: dict[str, Any], data: dict[str, Any], fig: Path) -> list[Block]:
@@ -108,36 +197,43 @@ def _data(m: dict[str, Any], data: dict[str, Any], fig: Path) -> list[Block]:
     return b
 
 
-def _models(cfg: Any, m: dict[str, Any]) -> list[Block]:
-    d = m["dataset"]
-    clf = summary(cfg.model, d["image_size"], d["channels"], len(d["classes"]))["classifier"]
-    ref_layers = REFERENCE["classifier_layers"]
-    rows = [[layer["name"], layer["type"], str(tuple(layer["output_shape"] or ())), layer["params"],
-             ref_layers[i] if len(clf["layers"]) == len(ref_layers) else None] for i, layer in enumerate(clf["layers"])]
-    rows.append(["total", "", "", clf["total"], REFERENCE["classifier_total"]])
+def _models(clf: dict[str, Any], beside: bool) -> list[Block]:
+    lab = REFERENCE["classifier_layers"] if beside else []
+    rows = [[layer["name"], layer["type"], str(tuple(layer["output_shape"] or ())), layer["params"], *lab[i:i + 1]]
+            for i, layer in enumerate(clf["layers"])]
+    rows.append(["total", "", "", clf["total"], *([REFERENCE["classifier_total"]] if beside else [])])
     return [("h2", "2. Models"),
-            ("p", "The classifier (the reference counts BatchNorm as 4 x C, its moving statistics non-trainable):"),
-            _table(["layer", "type", "output (H, W, C)", "params (ours)", "params (reference)"], rows)]
+            ("p", "The classifier (BatchNorm counted as 4 x C parameters, its moving statistics non-trainable, as "
+                  "the lab report counts them):"),
+            _table(["layer", "type", "output (H, W, C)", "params", *(["params (lab report)"] if beside else [])],
+                   rows)]
 
 
-def _pretraining(m: dict[str, Any], fig: Path) -> list[Block]:
+def _params(counts: Any) -> str:
+    return "{:,} / {:,} / {:,}".format(*counts)
+
+
+def _pretraining(m: dict[str, Any], fig: Path, beside: bool) -> list[Block]:
     rows = []
     for stage in m["pretrain"]["stages"]:
-        ref = REFERENCE["stages"][stage["stage"] - 1] if stage["stage"] <= 3 else None
         prm = stage["params"]
-        rows.append([f"#{stage['stage']}", f"{prm['total']:,} / {prm['trainable']:,} / {prm['non_trainable']:,}",
-                     "{:,} / {:,} / {:,}".format(*ref["params"]) if ref else None, stage["epochs"], stage["seconds"],
-                     ref["seconds"] if ref else None, stage["train_loss"], ref["train_loss"] if ref else None,
-                     stage["val_loss"], _seen(stage["history"])])
+        ours = [f"#{stage['stage']}", _params((prm["total"], prm["trainable"], prm["non_trainable"])),
+                stage["epochs"], duration(stage["seconds"]), stage["train_loss"], stage["val_loss"],
+                _seen(stage["history"])]
+        lab = REFERENCE["stages"][stage["stage"] - 1] if stage["stage"] <= len(REFERENCE["stages"]) else None
+        if beside:
+            ours += [_params(lab["params"]), duration(lab["seconds"]), lab["train_loss"]] if lab else ["", "", ""]
+        rows.append(ours)
     pre = m["pretrain"]
+    header = ["stage", "params total / trainable / non-trainable", "epochs", "time", "train MSE", "val MSE",
+              "images trained on per epoch"]
+    lab_header = ["params (lab report)", "time (lab report, 30 epochs)", "train MSE (lab report)"]
+    mse = f"Test reconstruction MSE of the last stage: {_fmt(pre['test_mse'])}" + (
+        f" (lab report: {_fmt(REFERENCE['test_mse'])})" if beside else "")
     return [("h2", "3. Greedy layer-wise pre-training"),
             ("p", f"Objective **{pre.get('objective', 'greedy')}**; pre-training data: {pre.get('data', 'n/a')} "
-                  f"({_fmt(pre.get('images'))} images)."),
-            _table(["stage", "params total / trainable / non-trainable", "reference", "epochs", "seconds",
-                    "reference s (30 epochs)", "train MSE", "reference train MSE", "val MSE",
-                    "images trained on per epoch"], rows),
-            _table(["", "ours", "reference"], [["test reconstruction MSE (last stage)", pre["test_mse"],
-                                                REFERENCE["test_mse"]]]),
+                  f"({_fmt(pre.get('images'))} images). {mse}."),
+            _table(header + (lab_header if beside else []), rows),
             ("img", (fig / "reconstructions.png", "Test images and their reconstructions by each stage")),
             ("img", (fig / "pretrain-curves.png", "Autoencoder losses per epoch"))]
 
@@ -148,42 +244,70 @@ def _probes(m: dict[str, Any], fig: Path) -> list[Block]:
     return [("h2", "3b. Probes: the frozen features at each depth, before fine-tuning"),
             ("p", f"A linear classifier (logistic regression, L-BFGS) and a {KNN_K}-nearest-neighbour vote "
                   "(cosine) on the global-average-pooled output of block k, fitted on the labelled train split; "
-                  "the random encoder has the same shape and no training."),
+                  "the random encoder has the same shape and no training. Accuracies:"),
             _table(["encoder", "depth", "features", "linear val", "linear test", "kNN val", "kNN test"],
-                   [[r["encoder"], r["depth"], r["features"], r["linear_val"], r["linear_test"], r["knn_val"],
-                     r["knn_test"]] for r in m["probes"]]),
+                   [[r["encoder"], r["depth"], r["features"], *map(percent, (r["linear_val"], r["linear_test"],
+                                                                             r["knn_val"], r["knn_test"]))]
+                    for r in m["probes"]]),
             ("img", (fig / "probes.png", "Probe test accuracy by depth, pre-trained against random"))]
 
 
-def _finetuning(m: dict[str, Any], fig: Path) -> list[Block]:
+def _finetuning(m: dict[str, Any], fig: Path, beside: bool) -> list[Block]:
     rows = []
     for arm, r in m["finetune"].items():
-        ref = REFERENCE.get(arm, {})
-        rows.append([arm, r["test_loss"], ref.get("test_loss"), r["test_accuracy"], ref.get("test_accuracy"),
-                     r["best_val_accuracy"], r["best_epoch"], r["epochs"], r["epochs_to_target"], ref.get("epochs"),
-                     r["seconds"], _seen(r["history"])])
+        ours = [arm, r["test_loss"], percent(r["test_accuracy"]), percent(r["best_val_accuracy"]), r["best_epoch"],
+                r["epochs"], r["epochs_to_target"] or "not reached", duration(r["seconds"]), _seen(r["history"])]
+        lab = REFERENCE.get(arm)
+        if beside:
+            ours += [lab["test_loss"], percent(lab["test_accuracy"]), lab["epochs"]] if lab else ["", "", ""]
+        rows.append(ours)
     arms = list(m["finetune"])
+    lab_note = (" The lab report's epochs (66 from scratch, 34 pre-trained) are the epochs it trained, not epochs to "
+                "a target." if beside else "")
     return [("h2", "4. Fine-tuning: pre-trained against from scratch"),
-            ("p", f"Target validation accuracy for epochs_to_target: {_fmt(m.get('target_accuracy'))} "
-                  f"({m.get('target_rule')}); both arms are measured the same way: the first epoch whose validation "
-                  "accuracy reaches it. The reference's 66 and 34 are its epochs trained."),
-            _table(["arm", "test loss", "reference", "test accuracy", "reference", "best val acc", "best epoch",
-                    "epochs run", "epochs to target", "reference epochs", "seconds", "images trained on per epoch"],
-                   rows),
+            ("p", f"The target for epochs to target: {target_text(m)}; both arms are measured the same way: the "
+                  f"first epoch whose validation accuracy reaches it.{lab_note}"),
+            _table(["arm", "test loss", "test accuracy", "best val accuracy", "best epoch", "epochs run",
+                    "epochs to target", "time", "images trained on per epoch",
+                    *(["test loss (lab report)", "test accuracy (lab report)", "epochs trained (lab report)"]
+                      if beside else [])], rows),
             ("img", (fig / "finetune-curves.png", "Accuracy and loss per epoch, both arms")),
             _table(["class", *[f"{a} accuracy" for a in arms]],
-                   [[c, *[m["finetune"][a]["per_class_accuracy"][c] for a in arms]] for c in m["dataset"]["classes"]]),
+                   [[c, *[percent(m["finetune"][a]["per_class_accuracy"][c]) for a in arms]]
+                    for c in m["dataset"]["classes"]]),
             *[("img", (fig / f"confusion-{arm}.png", f"Confusion matrix on the test split, {arm} arm")) for arm in arms]]
 
 
-def _prediction(m: dict[str, Any], fig: Path) -> list[Block]:
+def _lab_prediction(k: int) -> list[str]:
+    return [f"{c} {p:.6g}" for c, p in REFERENCE["prediction"]][:k]
+
+
+def _prediction(m: dict[str, Any], fig: Path, beside: bool) -> list[Block]:
     predictions = m.get("predictions", [])
     rows = [[Path(r["image"]).name, r["true"], *[f"{t['class']} {t['probability']:.6g}" for t in r["top"]]]
             for r in predictions]
     k = max((len(r["top"]) for r in predictions), default=3)
-    rows.append(["reference: a Bombay cat", "Bombay", *[f"{c} {p:.6g}" for c, p in REFERENCE["prediction"]][:k]])
+    if beside:
+        rows.append(["lab report: a Bombay cat", "Bombay", *_lab_prediction(k)])
     return [("h2", "5. Prediction"), _table(["image", "true", *[f"top {i + 1}" for i in range(k)]], rows),
             ("img", (fig / "predictions.png", "Test images with their top classes"))]
+
+
+def _lab(clf: dict[str, Any], d: dict[str, Any]) -> list[Block]:
+    """The lab report's numbers on their own, labelled with its task, where this run did another."""
+    stages = [[f"#{k}", _params(s["params"]), duration(s["seconds"]), s["train_loss"]]
+              for k, s in enumerate(REFERENCE["stages"], 1)]
+    arms = [[arm, REFERENCE[arm]["test_loss"], percent(REFERENCE[arm]["test_accuracy"]), REFERENCE[arm]["epochs"]]
+            for arm in ("pretrained", "scratch")]
+    return [("h2", "The lab report (for orientation, not comparable)"),
+            ("p", f"The reference this project reproduces is a lab report: {SETUP}. This run did another task ({d['name']}, "
+                  f"{len(d['classes']):,} classes, {d['image_size']}x{d['image_size']}, a classifier of "
+                  f"{clf['total']:,} parameters), so the lab's numbers show what the method gave there, not what "
+                  f"this run should give. Its test reconstruction MSE: {_fmt(REFERENCE['test_mse'])}; its prediction "
+                  f"for a Bombay cat: {', '.join(_lab_prediction(3))}."),
+            _table(["lab report stage", "params total / trainable / non-trainable", "time (30 epochs)", "train MSE"],
+                   stages),
+            _table(["lab report arm", "test loss", "test accuracy", "epochs trained"], arms)]
 
 
 def gain_text(value: float | None) -> str:
@@ -331,7 +455,7 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
     if m.get("probes"):
         figures.probe_accuracy(m["probes"], fig / "probes.png")
     for arm, r in m["finetune"].items():
-        figures.confusion(r["confusion"], data["classes"], f"{arm}: test accuracy {r['test_accuracy']:.4f}",
+        figures.confusion(r["confusion"], data["classes"], f"{arm}: test accuracy {percent(r['test_accuracy'])}",
                           fig / f"confusion-{arm}.png")
     content = blocks(out)
     if (out / "study.json").is_file():

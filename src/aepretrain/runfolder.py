@@ -6,9 +6,10 @@ kind of folder and a checksum of the saved settings. ``--overwrite`` removes onl
 writes in a folder of that kind (:data:`WRITES`: by name, down into ``figures/``, ``checkpoints/``, ``logs/``,
 a study's ``cells/`` and ``pretrain/``), then the folders that are left empty; anything else stays, and with
 it the folder that holds it. A symbolic link at one of those names is removed as a link, never followed. A
-folder that is not empty and holds no marker is refused. While a process works in a folder it holds a lock
-on ``.aepretrain-lock`` there (``flock``, released when the process ends, however it ends); a second process
-is refused with the first one's id.
+folder that is not empty and holds no marker is refused. A run folder that holds only a start that never
+finished a stage (:func:`unfinished_start`: settings, no results) is replaced by the next run without either
+flag, saying so. While a process works in a folder it holds a lock on ``.aepretrain-lock`` there (``flock``,
+released when the process ends, however it ends); a second process is refused with the first one's id.
 
 Example:
     >>> import tempfile, pathlib
@@ -25,9 +26,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -100,7 +102,7 @@ def _check(out: Path, kind: str, resume: bool, overwrite: bool) -> dict[str, Any
                             f"aepretrain {kind}: choose another --out (aepretrain replaces only folders it made)")
     elif marker["kind"] != kind:
         raise UserError(f"{out} holds an aepretrain {marker['kind']}, not a {kind}: choose another --out")
-    elif not (resume or overwrite):
+    elif not (resume or overwrite or _restarts(out, kind)):
         raise UserError(f"{out} already holds a {kind}: pass --resume to continue it or --overwrite to replace it")
     return marker
 
@@ -133,6 +135,34 @@ def _lock(out: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+_START: Tree = {MARKER: _FILE, SETTINGS: _FILE, "data.json": _FILE, "figures": {"samples.png": _FILE}}  # before stage 1
+
+
+def unfinished_start(out: Path) -> bool:
+    """Whether of what a run writes, ``out`` holds only what it writes before its first stage trains (its
+    settings and the data's description): a start that failed or was stopped, with nothing to resume."""
+    return _holds_only(out, {**WRITES["run"], MARKER: _FILE}, _START)
+
+
+def _restarts(out: Path, kind: str) -> bool:
+    return kind == "run" and unfinished_start(out)
+
+
+def _holds_only(folder: Path, written: Tree, allowed: Tree) -> bool:
+    """Whether, of the files and folders ``written`` names, ``folder`` holds only those ``allowed`` names."""
+    for entry in os.scandir(folder):
+        matched, holds = _match(entry.name, written)
+        if not matched:
+            continue  # the user's
+        known, inside = _match(entry.name, allowed)
+        if not known:
+            return False
+        if holds is not None and inside is not None and entry.is_dir(follow_symlinks=False) and \
+                not _holds_only(Path(entry.path), holds, inside):
+            return False
+    return True
+
+
 def _remove_own(out: Path, kind: str) -> None:
     """Remove what aepretrain wrote in ``out`` (and leftovers of its interrupted writes); nothing else."""
     _remove_matching(out, {**WRITES[kind], MARKER: _FILE})
@@ -162,11 +192,15 @@ def _match(name: str, tree: Tree) -> tuple[bool, Tree | None]:
 
 
 @contextmanager
-def run_folder(out: str | Path, kind: str = "run", resume: bool = False, overwrite: bool = False) -> Iterator[Path]:
+def run_folder(out: str | Path, kind: str = "run", resume: bool = False, overwrite: bool = False,
+               before_writing: Callable[[bool], None] | None = None) -> Iterator[Path]:
     """The folder of a run or study, locked for this process while the block runs.
 
     A new or empty folder becomes one (a marker is written); one that holds a run of this kind is used only
-    with ``resume`` or, replaced, with ``overwrite``. Under DDP only the first process opens the folder.
+    with ``resume`` or, replaced, with ``overwrite``; one that holds only a run's :func:`unfinished_start` is
+    replaced without either, saying so. ``before_writing(replacing)`` (the data check, say) runs under the lock
+    before anything is written or removed; if it fails, a folder this call made is removed again. Under DDP only
+    the first process opens the folder.
     """
     from .fileio import is_global_zero
 
@@ -175,16 +209,31 @@ def run_folder(out: str | Path, kind: str = "run", resume: bool = False, overwri
         yield out
         return
     _check(out, kind, resume, overwrite)  # before anything is written
+    made = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot make the folder {out}: {exc.strerror or exc}") from None
     with _lock(out):
         marker = _check(out, kind, resume, overwrite)  # again, now that no other process can change it
-        if marker is not None and overwrite:
+        restart = marker is not None and not overwrite and _restarts(out, kind)
+        replacing = marker is not None and (overwrite or restart)
+        if before_writing is not None:
+            try:
+                before_writing(replacing)
+            except BaseException:
+                if made:  # nothing of this call is left in the way of the next
+                    with suppress(OSError):
+                        (out / LOCK).unlink()
+                        out.rmdir()
+                raise
+        if replacing:
             _remove_own(out, kind)
-        if marker is None or overwrite:
+        if marker is None or replacing:
             _write_marker(out, kind)
+        if restart:
+            logging.getLogger("aepretrain").warning(f"aepretrain: {out} held only a start that never finished a "
+                                                    "stage (settings, no results): this run replaces it")
         yield out
 
 
