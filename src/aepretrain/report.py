@@ -130,16 +130,19 @@ def _pretraining(m: dict[str, Any], fig: Path) -> list[Block]:
                      ref["seconds"] if ref else None, stage["train_loss"], ref["train_loss"] if ref else None,
                      stage["val_loss"], _seen(stage["history"])])
     pre = m["pretrain"]
+    reconstructs = pre["test_mse"] is not None  # a contrastive objective has its own loss and no reconstructions
+    loss = "MSE" if reconstructs else "loss"
     return [("h2", "3. Greedy layer-wise pre-training"),
             ("p", f"Objective **{pre.get('objective', 'greedy')}**; pre-training data: {pre.get('data', 'n/a')} "
                   f"({_fmt(pre.get('images'))} images)."),
             _table(["stage", "params total / trainable / non-trainable", "reference", "epochs", "seconds",
-                    "reference s (30 epochs)", "train MSE", "reference train MSE", "val MSE",
+                    "reference s (30 epochs)", f"train {loss}", "reference train MSE", f"val {loss}",
                     "images trained on per epoch"], rows),
-            _table(["", "ours", "reference"], [["test reconstruction MSE (last stage)", pre["test_mse"],
-                                                REFERENCE["test_mse"]]]),
-            ("img", (fig / "reconstructions.png", "Test images and their reconstructions by each stage")),
-            ("img", (fig / "pretrain-curves.png", "Autoencoder losses per epoch"))]
+            *([_table(["", "ours", "reference"], [["test reconstruction MSE (last stage)", pre["test_mse"],
+                                                   REFERENCE["test_mse"]]]),
+               ("img", (fig / "reconstructions.png", "Test images and their reconstructions by each stage"))]
+              if reconstructs else []),
+            ("img", (fig / "pretrain-curves.png", "Pre-training losses per epoch"))]
 
 
 def _probes(m: dict[str, Any], fig: Path) -> list[Block]:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoints import load_autoencoder, load_classifier
+from .checkpoints import load_autoencoder, load_classifier, read_metadata
 from .data.images import DEFAULT_MAX_PIXELS
 from .errors import UserError
 from .fileio import first_line
@@ -59,7 +59,7 @@ class Analyst:
         run = checkpoint.parent.parent  # a run folder keeps every model in checkpoints/
         for stage in range(1, len(self.meta["config"].model.blocks) + 1):
             path = stage_path(run, stage)
-            if path.is_file():
+            if path.is_file() and read_metadata(path).get("kind") == "autoencoder":  # a contrastive one shows nothing
                 autoencoder, _encoder, meta = load_autoencoder(path)
                 if (int(meta["image_size"]), int(meta["in_channels"])) == (self.size, self.channels):
                     self.stages.append((stage, autoencoder))
