@@ -403,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start the study in DIR again")
     p.add_argument("--label-fractions", help="comma-separated, e.g. 0.01,0.1,1")
     p.add_argument("--seeds", type=int, help="how many seeds, from --seed on")
-    p.add_argument("--objectives", help="comma-separated pre-training objectives to compare with scratch")
+    p.add_argument("--objectives", help="comma-separated pre-training objectives to compare with scratch, e.g. "
+                   "greedy,end-to-end,simclr,byol")
     p.set_defaults(handler=cmd_study)
 
     p = sub.add_parser("cache", help="list the decoded data stores in the cache with their sizes, or clear them")
