@@ -35,6 +35,7 @@ from .config import Config, check_image_size, from_dict
 from .errors import UserError
 from .fileio import atomic_write, first_line, is_global_zero
 from .models import Autoencoder, Classifier, Encoder, build_encoder
+from .objectives import KINDS, objective_of
 
 FORMAT = "aepretrain-1"
 
@@ -69,9 +70,10 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise UserError(f"{path} is not an aepretrain checkpoint (safetensors): {exc}") from None
 
 
-def read_checkpoint(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and metadata of a checkpoint, from one read of the file into memory: no map of it stays
-    open, so a file replaced or cut short later cannot crash (a bus error) or change a model loaded from it."""
+def read_checkpoint(path: str | Path, kind: str | tuple[str, ...]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a checkpoint of ``kind`` (or of one of several kinds), from one read of the file
+    into memory: no map of it stays open, so a file replaced or cut short later cannot crash (a bus error) or
+    change a model loaded from it."""
     read_metadata(path)  # a file that is not one is refused from its header, before it is read whole
     try:
         data = Path(path).read_bytes()
@@ -82,8 +84,10 @@ def read_checkpoint(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor
         raise UserError(f"{path} is not an aepretrain checkpoint (safetensors): {exc}") from None
     if meta.get("format") != FORMAT:
         raise UserError(f"{path} is not an aepretrain checkpoint (no '{FORMAT}' metadata)")
-    if meta.get("kind") != kind:
-        raise UserError(f"{path} holds {_a(str(meta.get('kind')))} checkpoint; {_a(kind)} is needed here")
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if meta.get("kind") not in kinds:
+        wanted = _a(kinds[0]) if len(kinds) == 1 else f"a pre-trained encoder ({' or '.join(kinds)})"
+        raise UserError(f"{path} holds {_a(str(meta.get('kind')))} checkpoint; {wanted} is needed here")
     return state, meta
 
 
@@ -162,8 +166,15 @@ def _stage_of(meta: dict[str, str], path: str | Path, cfg: Config) -> int:
 
 
 def load_stage_encoder(path: str | Path) -> tuple[Encoder, dict[str, str]]:
-    """Greedy stage k's encoder, blocks 1..k, to fine-tune a classifier from (its deeper blocks start fresh)."""
-    _autoencoder, encoder, meta = load_autoencoder(path)
+    """Stage k's encoder of any objective, blocks 1..k (the head left out), to fine-tune a classifier from (its
+    deeper blocks start fresh)."""
+    state, meta = read_checkpoint(path, KINDS)
+    cfg, in_channels = _model_meta(meta, path)
+    stage = _stage_of(meta, path, cfg)
+    with torch.device("meta"):  # as in load_classifier; the stage's network shares the encoder's blocks
+        encoder = build_encoder(replace(cfg.model, blocks=cfg.model.blocks[:stage]), in_channels, for_classifier=False)
+        network = objective_of(cfg.pretrain).network(encoder, stage)
+    load_weights(network, state, path, assign=True)
     return encoder, meta
 
 

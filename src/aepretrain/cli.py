@@ -38,7 +38,7 @@ SETTING_FLAGS: dict[str, dict[str, Any]] = {  # every flag that sets a setting; 
     "devices": {"help": "how many devices (or a list like 0,1) for Lightning"},
     "num-nodes": {"type": int, "help": "nodes for multi-node training (torchrun, SLURM)"},
     "strategy": {"help": "Lightning strategy: auto, ddp, ddp_spawn, ..."},
-    "objective": {"help": "greedy (default), greedy-denoising, greedy-masked, end-to-end"},
+    "objective": {"help": "greedy (default), greedy-denoising, greedy-masked, end-to-end, simclr, byol"},
     "pretrain-data": {"metavar": "[DATASET:]ROOT",
                       "help": "pre-train on other images, e.g. an unlabelled folder (a path) or oxford-pets:DIR"},
     "smoke": {"action": "store_true", "default": None,
@@ -190,9 +190,11 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from .pipeline import run_pretrain
 
     stages = run_pretrain(resolve_args(args), args.out, resume=args.resume, overwrite=args.overwrite)
+    loss = "MSE" if stages["test_mse"] is not None else "loss"  # a contrastive objective reconstructs nothing
     for s in stages["stages"]:
-        print(f"stage {s['stage']}: train MSE {s['train_loss']:.5f}, val MSE {s['val_loss']:.5f}, {s['seconds']} s")
-    print(f"test reconstruction MSE of the last stage: {stages['test_mse']:.5f}")
+        print(f"stage {s['stage']}: train {loss} {s['train_loss']:.5f}, val {loss} {s['val_loss']:.5f}, {s['seconds']} s")
+    if stages["test_mse"] is not None:
+        print(f"test reconstruction MSE of the last stage: {stages['test_mse']:.5f}")
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -425,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start the study in DIR again")
     p.add_argument("--label-fractions", help="comma-separated, e.g. 0.01,0.1,1")
     p.add_argument("--seeds", type=int, help="how many seeds, from --seed on")
-    p.add_argument("--objectives", help="comma-separated pre-training objectives to compare with scratch")
+    p.add_argument("--objectives", help="comma-separated pre-training objectives to compare with scratch, e.g. "
+                   "greedy,end-to-end,simclr,byol")
     p.set_defaults(handler=cmd_study)
 
     p = sub.add_parser("cache", help="list the decoded data stores in the cache with their sizes, check every image "

@@ -84,10 +84,14 @@ class PretrainConfig:
     adam_eps: float = 1e-8  # PyTorch's default; Keras' is 1e-7
     batch_size: int = 32
     schedule: str = "constant"  # constant | one-cycle | cosine
-    objective: str = "greedy"  # greedy | greedy-denoising | greedy-masked | end-to-end
+    objective: str = "greedy"  # greedy | greedy-denoising | greedy-masked | end-to-end | simclr | byol
     noise_std: float = 0.2  # greedy-denoising: Gaussian noise on the input, clean target
     mask_patch: int = 0  # greedy-masked: square patch side in pixels; 0: image_size // 8
     mask_ratio: float = 0.5  # greedy-masked: share of patches masked; the loss counts masked pixels only
+    temperature: float = 0.5  # simclr: NT-Xent's temperature; SimCLR's choice for small batches (0.1 needs large)
+    projection_dim: int = 128  # simclr, byol: output width of the projection head (and of BYOL's predictor)
+    hidden_dim: int = 512  # simclr, byol: hidden width of the projection head (and of BYOL's predictor)
+    momentum: float = 0.99  # byol: the target's moving-average momentum at the first step, rising to 1 (cosine)
     dataset: str | None = None  # pre-training data of its own (labelled or not); null: the labelled data set
     root: str | None = None
     fraction: float = 1.0  # share of pretrain.dataset used (stratified); data.ae_fraction is for the labelled data
@@ -169,7 +173,7 @@ class Config:
 
 
 SCHEDULES = ("constant", "one-cycle", "cosine")
-OBJECTIVES = ("greedy", "greedy-denoising", "greedy-masked", "end-to-end")
+OBJECTIVES = ("greedy", "greedy-denoising", "greedy-masked", "end-to-end", "simclr", "byol")
 PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed")
 DEVICES = ("auto", "cpu", "cuda", "gpu", "mps")
 INITS = ("pytorch", "keras")
@@ -338,6 +342,8 @@ RANGES = {
     "pretrain.epochs": "[1, 100000]", "pretrain.lr": "(0, 1e37]", "pretrain.adam_eps": "(0, 1]",
     "pretrain.fraction": "(0, 1]", "pretrain.batch_size": "[1, 65536]",
     "pretrain.noise_std": "[0, inf)", "pretrain.mask_patch": "[0, 1024]", "pretrain.mask_ratio": "(0, 1]",
+    "pretrain.temperature": "(0, 100]", "pretrain.projection_dim": "[1, 65536]", "pretrain.hidden_dim": "[1, 65536]",
+    "pretrain.momentum": "[0, 1]",
     "probe.train_limit": "[2, inf)",
     "finetune.epochs": "[1, 100000]", "finetune.lr": "(0, 1e37]", "finetune.adam_eps": "(0, 1]",
     "finetune.batch_size": "[1, 65536]",

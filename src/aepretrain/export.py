@@ -54,7 +54,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .checkpoints import FORMAT, load_autoencoder, load_classifier, load_weights, read_metadata
+from .checkpoints import FORMAT, load_autoencoder, load_classifier, load_stage_encoder, load_weights, read_metadata
 from .config import BlockSpec, ModelConfig
 from .errors import UserError, shown
 from .fileio import atomic_write, first_line
@@ -247,11 +247,15 @@ def spec_path(backbone: Path) -> Path:
 
 
 def encoder_of_checkpoint(path: str | Path) -> tuple[Encoder, dict[str, Any]]:
-    """The encoder of a classifier, or blocks 1..k of greedy stage k's autoencoder, and its backbone spec."""
+    """The encoder of a classifier, of greedy stage k's autoencoder (blocks 1..k) or of a contrastive objective, and
+    its backbone spec."""
     kind = read_metadata(path).get("kind")
     if kind == "autoencoder":
         _autoencoder, encoder, meta = load_autoencoder(path)
         source, size = f"autoencoder stage {json.loads(meta['stage'])}", int(meta["image_size"])
+    elif kind == "contrastive":  # SimCLR and BYOL train every block: the stage is the whole encoder
+        encoder, meta = load_stage_encoder(path)
+        source, size = f"contrastive stage {json.loads(meta['stage'])}", int(meta["image_size"])
     else:  # load_classifier refuses anything else with one line
         classifier, info = load_classifier(path)
         encoder, source, size = classifier.encoder, "classifier", info["image_size"]

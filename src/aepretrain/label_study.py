@@ -39,6 +39,7 @@ from .evaluate import evaluate
 from .fileio import first_line, is_global_zero, write_json
 from .finetune import epochs_to_target, finetune
 from .models import Encoder
+from .objectives import objective_of
 from .pretrain import pretrain, stage_path
 from .runfolder import run_folder
 from .seeds import derive_seed, numpy_generator
@@ -60,15 +61,11 @@ def _seeded(cfg: Config, seed: int, objective: str | None = None) -> Config:
     return c
 
 
-WHOLE_ENCODER = ("end-to-end",)  # objectives that train every block at once, not one stage at a time
-
-
-def _budgeted(cfg: Config, objective: str) -> Config:
+def _budgeted(cfg: Config) -> Config:
     """Every objective gets the same image-passes: a greedy objective trains each of its stages
     ``pretrain.epochs`` epochs, one that trains the whole encoder at once as many epochs as all stages together."""
     c = copy.deepcopy(cfg)
-    if objective in WHOLE_ENCODER:
-        c.pretrain.epochs *= len(cfg.model.blocks)
+    c.pretrain.epochs *= len(cfg.model.blocks) // len(objective_of(c.pretrain).stages(len(cfg.model.blocks)))
     return c
 
 
@@ -79,7 +76,7 @@ def pretrain_folder(out: Path, objective: str, seed: int) -> Path:
 def run_pretraining(cfg: Config, out: Path, objective: str, seed: int) -> dict[str, Any]:
     """Pre-train ``objective`` for ``seed`` into the study folder (restored, not trained again, when it finished
     before); what it cost. A task of its own: any engine may run it, in any process."""
-    c = _budgeted(_seeded(cfg, seed, objective), objective)
+    c = _budgeted(_seeded(cfg, seed, objective))
     bundle = study_data(cfg)
     images, val, _ = pretrain_images(c, bundle)
     result = pretrain(c, bundle, pretrain_folder(out, objective, seed), resume=True, images=(images, val))

@@ -1,4 +1,8 @@
-"""The reference networks, built from a spec: encoder blocks, one decoder per greedy stage, the classifier.
+"""The reference networks, built from a spec: encoder blocks, one decoder per greedy stage, the classifier; and the
+contrastive objectives' networks (a projection head; BYOL's predictor and momentum target).
+
+Every network reads the encoder through one path, ``Encoder.forward_features`` (the feature map after each block),
+and pools it one way, ``global_avg_pool``.
 
 Parameters are counted the way the reference (Keras) counts them, so the numbers of the lab
 report are exact targets: BatchNorm has 4 x C parameters (gamma and beta trainable, the moving
@@ -64,14 +68,25 @@ class Encoder(nn.Module):
         self.out_channels = cin
         initialize(self, spec.init)
 
-    def forward(self, x: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, depth: int | None = None) -> list[torch.Tensor]:
+        """The feature map after each of blocks 1..depth (every block by default), from one pass."""
+        maps = []
         for block in self.blocks[:depth]:
             x = block(x)
-        return x
+            maps.append(x)
+        return maps
+
+    def forward(self, x: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        return self.forward_features(x, depth)[-1]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The feature map averaged over space: one vector per image, as the classifier's head takes it."""
-        return self(x).mean(dim=(2, 3))
+        return global_avg_pool(self(x))
+
+
+def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    """A feature map (N, C, H, W) averaged over space: (N, C)."""
+    return x.mean(dim=(2, 3))
 
 
 def stage_decoder(spec: ModelConfig, stage: int, in_channels: int, first_stride: int) -> nn.Sequential:
@@ -95,42 +110,100 @@ def stage_decoder(spec: ModelConfig, stage: int, in_channels: int, first_stride:
     return initialize(nn.Sequential(OrderedDict(layers)), spec.init)
 
 
-class Autoencoder(nn.Module):
-    """Greedy stage k: encoder blocks 1..k, of which 1..k-1 are frozen, and a new decoder.
+class StageModel(nn.Module):
+    """Encoder blocks 1..stage, shared with the encoder, of which 1..frozen are frozen: what every objective trains.
 
-    Frozen means no gradients and BatchNorm statistics kept: the frozen blocks stay in eval
-    mode even when Lightning calls ``train()`` at each epoch. ``frozen=0`` trains every block
-    (the end-to-end objective).
+    Frozen means no gradients and BatchNorm statistics kept: the frozen blocks stay in eval mode even when
+    Lightning calls ``train()`` at each epoch. ``frozen=0`` trains every block (the end-to-end objectives).
     """
 
     def __init__(self, encoder: Encoder, stage: int, frozen: int | None = None) -> None:
         super().__init__()
         self.stage = stage
         self.frozen = stage - 1 if frozen is None else frozen
-        self.blocks = nn.ModuleList(encoder.blocks[:stage])  # shares the encoder's modules
-        self.decoder = stage_decoder(encoder.spec, stage, encoder.in_channels, encoder.stride)
+        self.blocks = nn.ModuleList(encoder.blocks[:stage])  # registered here, so the weights are named blocks.N
+        object.__setattr__(self, "encoder", encoder)  # not a submodule: its later blocks are no part of this stage
         for b, block in enumerate(self.blocks):
             block.requires_grad_(b >= self.frozen)
         self.train()
 
-    def train(self, mode: bool = True) -> "Autoencoder":
+    def train(self, mode: bool = True) -> "StageModel":
         super().train(mode)
         for block in self.blocks[: self.frozen]:
             block.eval()
         return self
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x
+        return self.encoder.forward_features(x, self.stage)[-1]
+
+
+class Autoencoder(StageModel):
+    """Greedy stage k: encoder blocks 1..k, of which 1..k-1 are frozen (``frozen`` says otherwise), and a new
+    decoder."""
+
+    def __init__(self, encoder: Encoder, stage: int, frozen: int | None = None) -> None:
+        super().__init__(encoder, stage, frozen)
+        self.decoder = stage_decoder(encoder.spec, stage, encoder.in_channels, encoder.stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encode(x))
 
 
-class GlobalAvgPool(nn.Module):
+def mlp_head(in_features: int, hidden: int, out_features: int, init: str) -> nn.Sequential:
+    """Linear, BatchNorm, ReLU, Linear: the projection head (Chen et al. 2020) and BYOL's predictor (Grill et al.
+    2020)."""
+    return initialize(nn.Sequential(OrderedDict(
+        linear1=nn.Linear(in_features, hidden), bn1=nn.BatchNorm1d(hidden), relu1=nn.ReLU(inplace=True),
+        linear2=nn.Linear(hidden, out_features))), init)
+
+
+class Projected(StageModel):
+    """Encoder blocks 1..stage and a projection head on their pooled output: SimCLR's network, BYOL's online and
+    target networks."""
+
+    def __init__(self, encoder: Encoder, stage: int, frozen: int | None, hidden: int, out_features: int) -> None:
+        super().__init__(encoder, stage, frozen)
+        width = encoder.spec.blocks[stage - 1].channels[-1]
+        self.projector = mlp_head(width, hidden, out_features, encoder.spec.init)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=(2, 3))
+        return self.projector(global_avg_pool(self.encode(x)))
+
+
+class MomentumPair(nn.Module):
+    """BYOL's networks: the online network with its predictor, and a target network of the same shape that follows
+    the online one as an exponential moving average of its weights and takes no gradients."""
+
+    def __init__(self, online: Projected, hidden: int) -> None:
+        super().__init__()
+        self.online = online
+        width = online.projector.linear2.out_features
+        self.predictor = mlp_head(width, hidden, width, online.encoder.spec.init)
+        self.target = copy.deepcopy(online).requires_grad_(False)  # starts as the online network
+        self.stage = online.stage
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The online network's prediction of the target's projection."""
+        return self.predictor(self.online(x))
+
+    @torch.no_grad()
+    def update_target(self, momentum: float) -> None:
+        ema_update(self.target, self.online, momentum)
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+    """target <- momentum x target + (1 - momentum) x online, for every parameter (the buffers, BatchNorm's
+    statistics, are the target's own)."""
+    for t, o in zip(target.parameters(), online.parameters(), strict=True):
+        t.lerp_(o.detach(), 1 - momentum)
+
+
+class GlobalAvgPool(nn.Module):
+    """``global_avg_pool`` as a layer, so that the classifier's summary lists it as the reference's table does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return global_avg_pool(x)
 
 
 class Classifier(nn.Module):

@@ -126,11 +126,12 @@ def _pretrain(cfg: Config, bundle: DataBundle, out: Path, metrics: dict[str, Any
     if cfg.probe.enabled:
         metrics["probes"] = probes(bundle, pre.encoder, cfg.probe.train_limit, cfg.seed)
     write_json(out / "metrics.json", metrics)
-    shown = bundle.test.take(np.arange(min(6, len(bundle.test))))
-    originals = pixels(np.asarray(shown.images))
-    recon = reconstruct(pre.autoencoders, originals)
-    if is_global_zero():
-        figures.reconstructions(_nhwc(originals), [_nhwc(r) for r in recon], out / "figures" / "reconstructions.png")
+    if pre.autoencoders:  # an objective that reconstructs; a contrastive one has no images to show
+        shown = bundle.test.take(np.arange(min(6, len(bundle.test))))
+        originals = pixels(np.asarray(shown.images))
+        recon = reconstruct(pre.autoencoders, originals)
+        if is_global_zero():
+            figures.reconstructions(_nhwc(originals), [_nhwc(r) for r in recon], out / "figures" / "reconstructions.png")
     return pre
 
 
@@ -150,7 +151,7 @@ def _finetune(cfg: Config, bundle: DataBundle, out: Path, metrics: dict[str, Any
 
 
 def run_pretrain(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Only the greedy stages; their weights land in ``out/checkpoints/pretrain-stageK.safetensors``."""
+    """Only the pre-training stages; their weights land in ``out/checkpoints/pretrain-stageK.safetensors``."""
     with _start(cfg, Path(out), resume, overwrite) as (cfg, folder, bundle, metrics):
         _pretrain(cfg, bundle, folder, metrics, resume)
     return metrics["pretrain"]

@@ -29,7 +29,7 @@ from .data import DataBundle
 from .data.base import Images
 from .data.splits import stratified_subset
 from .evaluate import over_batches
-from .models import Encoder
+from .models import Encoder, global_avg_pool
 from .seeds import derive_seed
 
 KNN_K = 10
@@ -39,11 +39,7 @@ def features(encoder: Encoder, images: torch.Tensor | Images) -> list[torch.Tens
     """GAP features of uint8 NHWC images after every block, from one forward pass, in eval mode (BatchNorm
     statistics fixed): depth k reuses the pass through blocks 1..k-1 instead of recomputing it."""
     def every_depth(x: torch.Tensor) -> torch.Tensor:
-        pooled = []
-        for block in encoder.blocks:
-            x = block(x)
-            pooled.append(x.mean(dim=(2, 3)))
-        return torch.cat(pooled, 1)
+        return torch.cat([global_avg_pool(feature_map) for feature_map in encoder.forward_features(x)], 1)
 
     widths = [block.channels[-1] for block in encoder.spec.blocks]
     return list(over_batches(encoder, images, every_depth, batch_size=512).split(widths, 1))

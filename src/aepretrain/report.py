@@ -225,17 +225,20 @@ def _pretraining(m: dict[str, Any], fig: Path, beside: bool) -> list[Block]:
             ours += [_params(lab["params"]), duration(lab["seconds"]), lab["train_loss"]] if lab else ["", "", ""]
         rows.append(ours)
     pre = m["pretrain"]
-    header = ["stage", "params total / trainable / non-trainable", "epochs", "time", "train MSE", "val MSE",
+    reconstructs = pre["test_mse"] is not None  # a contrastive objective has its own loss and no reconstructions
+    loss = "MSE" if reconstructs else "loss"
+    header = ["stage", "params total / trainable / non-trainable", "epochs", "time", f"train {loss}", f"val {loss}",
               "images trained on per epoch"]
     lab_header = ["params (lab report)", "time (lab report, 30 epochs)", "train MSE (lab report)"]
-    mse = f"Test reconstruction MSE of the last stage: {_fmt(pre['test_mse'])}" + (
-        f" (lab report: {_fmt(REFERENCE['test_mse'])})" if beside else "")
+    mse = (f" Test reconstruction MSE of the last stage: {_fmt(pre['test_mse'])}" + (
+        f" (lab report: {_fmt(REFERENCE['test_mse'])})" if beside else "") + ".") if reconstructs else ""
     return [("h2", "3. Greedy layer-wise pre-training"),
             ("p", f"Objective **{pre.get('objective', 'greedy')}**; pre-training data: {pre.get('data', 'n/a')} "
-                  f"({_fmt(pre.get('images'))} images). {mse}."),
+                  f"({_fmt(pre.get('images'))} images).{mse}"),
             _table(header + (lab_header if beside else []), rows),
-            ("img", (fig / "reconstructions.png", "Test images and their reconstructions by each stage")),
-            ("img", (fig / "pretrain-curves.png", "Autoencoder losses per epoch"))]
+            *([("img", (fig / "reconstructions.png", "Test images and their reconstructions by each stage"))]
+              if reconstructs else []),
+            ("img", (fig / "pretrain-curves.png", "Pre-training losses per epoch"))]
 
 
 def _probes(m: dict[str, Any], fig: Path) -> list[Block]:

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoints import load_autoencoder, load_classifier
+from .checkpoints import load_autoencoder, load_classifier, read_metadata
 from .data.images import DEFAULT_MAX_PIXELS
 from .errors import UserError
 from .fileio import first_line
@@ -81,6 +81,8 @@ class Analyst:
             if not path.is_file():
                 continue
             try:  # the stages only draw reconstructions: a damaged one is left out, the classifier still serves
+                if read_metadata(path).get("kind") != "autoencoder":
+                    continue  # a contrastive objective's stage reconstructs nothing
                 autoencoder, _encoder, meta = load_autoencoder(path)
             except UserError as exc:
                 logging.getLogger("aepretrain").warning(f"aepretrain: warning: serving without the reconstructions "

@@ -1,4 +1,5 @@
-"""Pixels as the networks take them, and the reference's augmentation, batched on the training device.
+"""Pixels as the networks take them, the reference's augmentation and the contrastive objectives' views, batched on
+the training device.
 
 Images are kept as uint8 (N, H, W, C); a network takes float32 in [0, 1], (N, C, H, W), without mean or
 standard-deviation normalisation, as the reference did.
@@ -11,9 +12,14 @@ Example:
     >>> from aepretrain.config import AugmentConfig
     >>> [type(step).__name__ for step in augmenter(AugmentConfig(rotation=10, zoom=0.1))]
     ['RandomAffine', 'ColorJitter', 'RandomHorizontalFlip']
+    >>> a, b = two_views(torch.rand(2, 1, 16, 16))
+    >>> tuple(a.shape), bool((a != b).any())
+    ((2, 1, 16, 16), True)
 """
 
 from __future__ import annotations
+
+import functools
 
 import kornia.augmentation as K
 import numpy as np
@@ -46,3 +52,26 @@ def augmenter(cfg: AugmentConfig) -> nn.Module:
     if cfg.hflip:
         steps.append(K.RandomHorizontalFlip())
     return nn.Sequential(*steps)
+
+
+@functools.cache
+def view_augmenter(size: tuple[int, int], channels: int) -> nn.Module:
+    """SimCLR's view augmentation (Chen et al. 2020, appendix A) as its CIFAR-10 runs use it at 32 px: a random
+    resized crop of 20-100 % of the area (8 % leaves a few pixels at this size), a horizontal flip, colour jitter
+    of strength 0.5 with p 0.8 (brightness and contrast only on gray images), grayscale with p 0.2 (colour images),
+    and no blur (the paper leaves it out at 32 px). It holds no state, so one instance serves every call."""
+    colour = channels == 3
+    steps: list[nn.Module] = [K.RandomResizedCrop(size, scale=(0.2, 1.0)), K.RandomHorizontalFlip(),
+                              K.ColorJitter(0.4, 0.4, 0.4 if colour else 0.0, 0.1 if colour else 0.0, p=0.8)]
+    if colour:
+        steps.append(K.RandomGrayscale(p=0.2))
+    return nn.Sequential(*steps)
+
+
+def two_views(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two independently augmented views of a float NCHW batch, in fp32 whatever the autocast, laid out in memory
+    as the batch is."""
+    augment = view_augmenter((x.shape[-2], x.shape[-1]), x.shape[1])
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    with torch.autocast(x.device.type, enabled=False):
+        return augment(x).contiguous(memory_format=layout), augment(x).contiguous(memory_format=layout)
