@@ -257,7 +257,8 @@ def test_finetune_starts_from_any_greedy_stage(tmp_path: Path, capsys: pytest.Ca
 
 @pytest.mark.parametrize("encoder, message", [
     ("notes.txt", "notes.txt is not an aepretrain checkpoint (safetensors): "),
-    ("classifier.safetensors", "classifier.safetensors holds a classifier checkpoint; an autoencoder is needed here"),
+    ("classifier.safetensors", "classifier.safetensors holds a classifier checkpoint; a pre-trained encoder "
+                               "(autoencoder or contrastive) is needed here"),
     ("gray.safetensors", "gray.safetensors does not fit this model: layer 'blocks.0.conv1.weight' has shape "
                          "(16, 1, 5, 5) in the checkpoint, (16, 3, 5, 5) here"),
 ])
