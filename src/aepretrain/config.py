@@ -128,6 +128,8 @@ class TrainerConfig:
     allocator: str = "auto"  # auto (tcmalloc from 128 px up, where it was measured to pay) | tcmalloc | default
     progress: bool = True
     smoke: bool = False  # a few batches, one epoch: proves a preset runs end to end
+    loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])  # where each fit's metrics go, of LOGGERS
+    experiment: str | None = None  # the MLflow experiment and W&B project; null: the run (or study) folder's name
 
 
 @dataclass
@@ -176,6 +178,7 @@ INITS = ("pytorch", "keras")
 FILLS = ("zeros", "nearest")
 ZOOM_AXES = ("same", "independent")
 ENGINES = ("serial", "ray")
+LOGGERS = ("csv", "tensorboard", "mlflow", "wandb")  # csv, tensorboard: files in logs/; mlflow, wandb: trackers
 
 
 def preset_names() -> list[str]:
@@ -306,7 +309,7 @@ RANGES = {
 CHOICES = {
     "pretrain.schedule": SCHEDULES, "finetune.schedule": SCHEDULES, "pretrain.objective": OBJECTIVES,
     "study.objectives[]": OBJECTIVES, "study.engine": ENGINES, "finetune.arms[]": ("pretrained", "scratch"),
-    "trainer.device": DEVICES,
+    "trainer.device": DEVICES, "trainer.loggers[]": LOGGERS,
     "trainer.precision": PRECISIONS, "trainer.allocator": ("auto", "tcmalloc", "default"),
     "model.init": INITS, "augment.fill": FILLS, "augment.zoom_axes": ZOOM_AXES,
 }
@@ -373,6 +376,9 @@ def _validate(cfg: Config) -> None:
                        ("study.objectives", cfg.study.objectives)):
         if not value:
             raise UserError(f"{key} is empty; it needs at least one item")
+    twice = next((name for i, name in enumerate(cfg.trainer.loggers) if name in cfg.trainer.loggers[:i]), None)
+    if twice is not None:
+        raise UserError(f"trainer.loggers names {twice} twice")
     for b, block in enumerate(cfg.model.blocks):
         if not block.channels:
             raise UserError(f"model.blocks[{b}].channels is empty; a block needs at least one convolution")

@@ -37,6 +37,7 @@ from .prediction import top_k
 from .pretrain import PretrainResult, pretrain, reconstruct, stage_path
 from .probe import probes
 from .runfolder import run_folder, save_settings, saved_settings
+from .trackers import check as check_trackers
 from .training import resolved_precision, set_threads
 from .transforms import pixels
 
@@ -78,6 +79,7 @@ def _start(cfg: Config, out: Path, resume: bool, overwrite: bool, adding_arm: bo
     A resumed run, or an arm added to one, keeps the settings it was started with (verified before
     anything is written).
     """
+    check_trackers(cfg.trainer)
     set_threads()
     main = is_global_zero()
     with run_folder(out, "run", resume or adding_arm, overwrite) as out:
