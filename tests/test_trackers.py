@@ -189,6 +189,7 @@ def test_a_resumed_stage_continues_its_mlflow_run_in_the_store_mlflow_tracking_u
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert checkpoint.is_file(), proc.stderr.read().decode()
     assert not (out / "checkpoints" / "pretrain-stage2.safetensors").exists(), "killed too late: stage 2 finished"
 
     assert main(["pretrain", "--out", str(out), "--resume"]) == 0
@@ -206,7 +207,7 @@ def test_a_resumed_stage_continues_its_mlflow_run_in_the_store_mlflow_tracking_u
             assert list(by_step.values()) == [row[key] for row in stage["history"]], (tracker_run.info.run_name, key)
 
 
-def test_an_unknown_logger_is_one_line_before_anything_is_written(tmp_path: Path,
+def test_an_unknown_or_repeated_logger_or_a_bad_project_is_one_line_before_anything_is_written(tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     assert main(["run", "--out", str(out), *TRACKED, "--logger", "csv,mlfow"]) == 2
@@ -214,6 +215,9 @@ def test_an_unknown_logger_is_one_line_before_anything_is_written(tmp_path: Path
         "valid: mlflow); choose one of csv, tensorboard, mlflow, wandb\n"
     assert main(["study", "--out", str(out), *TRACKED, "--logger", "csv,csv"]) == 2
     assert one_line_error(capsys) == "aepretrain: error: trainer.loggers names csv twice\n"
+    assert main(["pretrain", "--out", str(out), *TRACKED, "--logger", "wandb", "--set", "trainer.experiment=a:b"]) == 2
+    assert one_line_error(capsys) == "aepretrain: error: trainer.experiment 'a:b' cannot name a W&B project: at most " \
+        "128 characters, none of / \\ # ? % :\n"
     assert not out.exists()
 
 

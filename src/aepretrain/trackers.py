@@ -46,14 +46,14 @@ NOT_IN_PROJECTS = "/\\#?%:"  # characters W&B refuses in a project's name
 
 
 def check(t: TrainerConfig) -> None:
-    """Refuse, before any work starts, a tracker whose package is not installed (cheap: nothing is imported), and a
-    W&B project name W&B refuses."""
-    for name in t.loggers:
-        if name in TRACKERS and importlib.util.find_spec(name) is None:
-            raise UserError(f"trainer.loggers names {name}, which is not installed: pip install 'aepretrain[{name}]'")
+    """Refuse, before any work starts, a W&B project name W&B refuses, and a tracker whose package is not installed
+    (cheap: nothing is imported)."""
     if "wandb" in t.loggers and t.experiment and (set(t.experiment) & set(NOT_IN_PROJECTS) or len(t.experiment) > 128):
         raise UserError(f"trainer.experiment {t.experiment!r} cannot name a W&B project: at most 128 characters, "
                         f"none of {' '.join(NOT_IN_PROJECTS)}")
+    for name in t.loggers:
+        if name in TRACKERS and importlib.util.find_spec(name) is None:
+            raise UserError(f"trainer.loggers names {name}, which is not installed: pip install 'aepretrain[{name}]'")
 
 
 def folder_of(out: Path) -> Path:
