@@ -114,8 +114,7 @@ def start(loggers: Sequence[Any], settings: Config, name: str) -> list[int]:
                 run = experiment.get_run(logger.run_id)
                 if not run.data.params:
                     logger.log_hyperparams(flat_settings(settings.to_dict()))
-                epochs = experiment.get_metric_history(logger.run_id, "epoch") if "epoch" in run.data.metrics else []
-                held.append(int(max((m.value for m in epochs), default=0)))
+                held.append(int(run.data.metrics.get("epoch", 0)))  # its latest: epochs only grow
             else:
                 held.append(0)
         except Exception as exc:  # Lightning ends the fit, and with it the runs started (callbacks.Tracking)
