@@ -1,5 +1,5 @@
 """What every fit watches, as Lightning callbacks: per-epoch history and random streams, finite losses and
-weights, images seen, and the best epoch's weights.
+weights, images seen, the best epoch's weights, and its experiment trackers.
 
 Example:
     >>> history = History(seed=0)
@@ -19,8 +19,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from .config import Config
 from .errors import UserError
 from .seeds import derive_seed
+from .trackers import end, log_epoch, start
 
 
 class History(Callback):
@@ -143,3 +145,41 @@ class KeepBest(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_accuracy, self.best_epoch, self.state = state["best_accuracy"], state["best_epoch"], state["state"]
+
+
+class Tracking(Callback):
+    """The fit's tracker runs (trackers.py), started as the fit sets up and ended with it, as finished or failed.
+    Each epoch's row of its :class:`History` (given before this callback, so the row is there) goes to them when the
+    epoch ends, before its checkpoint is written; a resumed fit first gives them the restored epochs they lack."""
+
+    def __init__(self, loggers: list[Any], history: History, settings: Config, name: str) -> None:
+        self.loggers, self.history, self.settings, self.name = loggers, history, settings, name
+        self.held: list[int] = []  # the last epoch each tracker run holds
+        self.ended = False
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        self.held = start(self.loggers, self.settings, self.name)
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._log()  # the history a checkpoint restored
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._log()
+
+    def _log(self) -> None:
+        for i, logger in enumerate(self.loggers):
+            for row in self.history.epochs:
+                if row["epoch"] > self.held[i]:
+                    log_epoch(logger, row)
+                    self.held[i] = row["epoch"]
+
+    def teardown(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        self._end(ok=True)
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        self._end(ok=False)
+
+    def _end(self, ok: bool) -> None:
+        if not self.ended:
+            self.ended = True
+            end(self.loggers, ok)

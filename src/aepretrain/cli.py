@@ -16,6 +16,7 @@ from . import __version__
 from .errors import UserError, shown
 
 TRAINING_COMMANDS = ("run", "pretrain", "finetune", "evaluate", "bench", "study")
+TRACKED_COMMANDS = ("run", "pretrain", "finetune", "study")  # their fits go to trainer.loggers
 COMMON = {  # flag -> dotted setting
     "dataset": "data.dataset", "root": "data.root", "seed": "seed", "precision": "trainer.precision",
     "device": "trainer.device", "devices": "trainer.devices", "num_nodes": "trainer.num_nodes",
@@ -44,12 +45,14 @@ SETTING_FLAGS: dict[str, dict[str, Any]] = {  # every flag that sets a setting; 
     "smoke": {"action": "store_true", "default": None,
               "help": "one epoch of a few small batches: proves the preset runs end to end"},
     "quiet": {"action": "store_true", "help": "no progress bars"},
+    "logger": {"metavar": "NAMES", "help": "where each stage's and arm's metrics go, comma-separated: csv, tensorboard "
+               "(default: both, in DIR/logs), mlflow, wandb (offline)"},
     "engine": {"help": "serial (default: every task in this process) or ray (tasks on a Ray cluster)"},
     "address": {"metavar": "auto|HOST:PORT", "help": "with --engine ray: a running Ray cluster (default: start one "
                 "on this machine)"},
 }
 _FILES, _DATA = "preset config set", "dataset root image-size"
-_TRAINING = "seed precision device devices num-nodes strategy smoke quiet"
+_TRAINING = "seed precision device devices num-nodes strategy smoke quiet logger"
 COMMAND_FLAGS = {  # a command accepts only the flags it uses
     "run": f"{_FILES} {_DATA} {_TRAINING} objective pretrain-data",
     "pretrain": f"{_FILES} {_DATA} {_TRAINING} objective pretrain-data",
@@ -110,10 +113,11 @@ def _resolve_args(args: argparse.Namespace) -> Any:
 
     flags = {key: getattr(args, flag, None) for flag, key in COMMON.items()}
     flags["trainer.smoke"] = getattr(args, "smoke", None)
-    for flag, key, kind in (("label_fractions", "study.label_fractions", float), ("objectives", "study.objectives", str)):
+    for flag, key, kind in (("label_fractions", "study.label_fractions", float), ("objectives", "study.objectives", str),
+                            ("logger", "trainer.loggers", str)):
         if getattr(args, flag, None):
             try:
-                flags[key] = [kind(v) for v in getattr(args, flag).split(",")]
+                flags[key] = [kind(v.strip()) for v in getattr(args, flag).split(",")]
             except ValueError:
                 raise UserError(f"--{flag.replace('_', '-')} takes comma-separated numbers, got "
                                 f"'{cut(getattr(args, flag))}'") from None
@@ -516,6 +520,10 @@ def main(argv: list[str] | None = None) -> int:
             from .training import cpu_computes_bf16
 
             cpu_computes_bf16()  # a wrong value is said before anything is written
+        if args.command in TRACKED_COMMANDS:
+            from .trackers import check as check_trackers
+
+            check_trackers(args.settings.trainer)
         if argv is None and args.command in TRAINING_COMMANDS:
             use_fast_allocator(args)
         if args.command in TRAINING_COMMANDS:

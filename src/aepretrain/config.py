@@ -132,6 +132,8 @@ class TrainerConfig:
     allocator: str = "auto"  # auto (tcmalloc from 128 px up, where it was measured to pay) | tcmalloc | default
     progress: bool = True
     smoke: bool = False  # a few batches, one epoch: proves a preset runs end to end
+    loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])  # where each fit's metrics go, of LOGGERS
+    experiment: str | None = None  # the MLflow experiment and W&B project; null: the run (or study) folder's name
 
 
 @dataclass
@@ -180,6 +182,7 @@ INITS = ("pytorch", "keras")
 FILLS = ("zeros", "nearest")
 ZOOM_AXES = ("same", "independent")
 ENGINES = ("serial", "ray")
+LOGGERS = ("csv", "tensorboard", "mlflow", "wandb")  # csv, tensorboard: files in logs/; mlflow, wandb: trackers
 
 
 def preset_names() -> list[str]:
@@ -360,7 +363,7 @@ RANGES = {
 CHOICES = {
     "pretrain.schedule": SCHEDULES, "finetune.schedule": SCHEDULES, "pretrain.objective": OBJECTIVES,
     "study.objectives[]": OBJECTIVES, "study.engine": ENGINES, "finetune.arms[]": ("pretrained", "scratch"),
-    "trainer.device": DEVICES,
+    "trainer.device": DEVICES, "trainer.loggers[]": LOGGERS,
     "trainer.precision": PRECISIONS, "trainer.allocator": ("auto", "tcmalloc", "default"),
     "model.init": INITS, "augment.fill": FILLS, "augment.zoom_axes": ZOOM_AXES,
 }
@@ -431,7 +434,8 @@ def _validate(cfg: Config) -> None:
     # A study would run, and count, a cell twice; its folder is named after the fraction to 6 digits (f"{f:g}")
     fractions = [f"{f:g}" for f in cfg.study.label_fractions]
     for key, names, told in (("study.label_fractions", fractions, " (to 6 significant digits)"),
-                             ("study.objectives", cfg.study.objectives, "")):
+                             ("study.objectives", cfg.study.objectives, ""),
+                             ("trainer.loggers", cfg.trainer.loggers, "")):
         twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
         if twice is not None:
             raise UserError(f"{key} lists {cut(twice)} more than once{told}; give each once")

@@ -39,6 +39,7 @@ from .prediction import top_k
 from .pretrain import PretrainResult, pretrain, reconstruct, stage_path
 from .probe import probes
 from .runfolder import run_folder, save_settings, saved_settings
+from .trackers import check as check_trackers
 from .training import resolved_precision, set_threads
 from .transforms import pixels
 
@@ -89,6 +90,7 @@ def _start(cfg: Config, out: Path, resume: bool, overwrite: bool, adding_arm: bo
     data set leaves nothing in the way of the corrected command; so does ``check``, which refuses what does not
     fit the data (an encoder of another shape).
     """
+    check_trackers(cfg.trainer)
     set_threads()
     main = is_global_zero()
     bundle: DataBundle | None = None

@@ -30,11 +30,12 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .callbacks import FiniteEpoch, FiniteLoss, History, SampleCount
+from .callbacks import FiniteEpoch, FiniteLoss, History, SampleCount, Tracking
 from .checkpoints import read_finished, save_model
 from .config import Config, TrainerConfig, cut
 from .errors import UserError
 from .fileio import first_line, write_json, write_stream
+from .trackers import tracker_loggers
 
 
 class TrainingModule(L.LightningModule):
@@ -122,7 +123,9 @@ def fit_or_restore(module: TrainingModule, fit: Fit, cfg: Config, out: Path, cha
     last = last_checkpoint(out, module.name, resume)
     if last is not None:
         check_resumable(last, module)  # before Lightning starts, and warns about the folders it finds
-    run = trainer(cfg.trainer, out, module.name, fit.epochs, [*fit.callbacks, history], fit.val_every)
+    trackers = tracker_loggers(cfg, out, module.name, resuming=last is not None)
+    tracking = [Tracking(trackers, history, cfg, module.name)] if trackers else []
+    run = trainer(cfg.trainer, out, module.name, fit.epochs, [*fit.callbacks, history, *tracking], fit.val_every)
     run.fit(module, *fit.data, ckpt_path=last, weights_only=True)
     summary, meta = finish(history)
     save_model(module.model, fit.weights, fit.kind, cfg, channels, meta)
@@ -243,7 +246,8 @@ def _optimizer_problem(states: Any, module: TrainingModule) -> str | None:
 
 def trainer(t: TrainerConfig, out: Path, name: str, epochs: int, callbacks: Sequence[Callback],
             val_every: int = 1) -> L.Trainer:
-    """A Lightning Trainer with the run's device, precision, logs (CSV, TensorBoard), the finite-loss and
+    """A Lightning Trainer with the run's device, precision, log files (those of ``trainer.loggers`` among CSV
+    and TensorBoard, in ``out/logs/NAME``; a fit's trackers are callbacks: :class:`Tracking`), the finite-loss and
     sample-count checks and a last-epoch checkpoint; it validates every ``val_every`` epochs."""
     smoke = {"limit_train_batches": 2, "limit_val_batches": 2, "limit_test_batches": 2} if t.smoke else {}
     devices: Any = t.devices if t.devices == "auto" else (int(t.devices) if t.devices.isdigit() else t.devices)
@@ -252,13 +256,15 @@ def trainer(t: TrainerConfig, out: Path, name: str, epochs: int, callbacks: Sequ
     last = resume_dir(out, name) / "last.ckpt"
     checks = [FiniteLoss(name, last), SampleCount(), FiniteEpoch(name, last)]
     bars = [TQDMProgressBar(leave=True)] if t.progress else []
+    files = {"csv": CSVLogger, "tensorboard": TensorBoardLogger}
+    logs = [files[kind](out / "logs", name=name, version="") for kind in t.loggers if kind in files]
     try:
         return L.Trainer(
             accelerator=t.device, devices=devices, num_nodes=t.num_nodes, strategy=t.strategy,
             sync_batchnorm=t.sync_batchnorm, precision=resolved_precision(t.precision, t.device),
             max_epochs=epochs, check_val_every_n_epoch=val_every, gradient_clip_val=t.gradient_clip_val,
             deterministic=False,
-            logger=[CSVLogger(out / "logs", name=name, version=""), TensorBoardLogger(out / "logs", name=name, version="")],
+            logger=logs or False,
             callbacks=[*callbacks, *checks, resume_ckpt, *bars], enable_progress_bar=t.progress,
             plugins=[AtomicCheckpointIO()],
             enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10, **smoke,
