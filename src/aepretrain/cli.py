@@ -502,15 +502,18 @@ def _on_ctrl_c(signum: int, frame: Any) -> None:
 
 
 def interrupted() -> int:
-    print("aepretrain: interrupted; what finished is kept in the run folder (--resume continues)", file=sys.stderr)
+    resumable = CTRL_C.get("command") in ("run", "pretrain", "finetune", "study")
+    print("aepretrain: interrupted" + ("; what finished is kept in the run folder (--resume continues)"
+                                       if resumable else ""), file=sys.stderr)
     return 128 + CTRL_C["signal"]  # as a shell shows a process ended by that signal: 130, 143
 
 
 def main(argv: list[str] | None = None) -> int:
-    CTRL_C.update(seen=False, signal=signal.SIGINT)
+    CTRL_C.update(seen=False, signal=signal.SIGINT, command=None)
     previous = {signum: signal.signal(signum, _on_ctrl_c) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:  # all of it: Ctrl-C while torch and Lightning load is an interruption too
         args = build_parser().parse_args(argv)
+        CTRL_C["command"] = args.command
         if args.command == "run" and not args.out:
             args.out = f"runs/{args.preset or 'quick'}"
         check_flags(args)
