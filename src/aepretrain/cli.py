@@ -9,11 +9,13 @@ import os
 import signal
 import sys
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .errors import UserError, shown
+from .output import cli_level, cli_logging
 
 TRAINING_COMMANDS = ("run", "pretrain", "finetune", "evaluate", "bench", "study")
 COMMON = {  # flag -> dotted setting
@@ -43,13 +45,14 @@ SETTING_FLAGS: dict[str, dict[str, Any]] = {  # every flag that sets a setting; 
                       "help": "pre-train on other images, e.g. an unlabelled folder (a path) or oxford-pets:DIR"},
     "smoke": {"action": "store_true", "default": None,
               "help": "one epoch of a few small batches: proves the preset runs end to end"},
-    "quiet": {"action": "store_true", "help": "no progress bars"},
+    "quiet": {"action": "store_true", "help": "no progress bars or lines: warnings and errors only"},
+    "verbose": {"action": "store_true", "help": "debug lines too, and Lightning's own"},
     "engine": {"help": "serial (default: every task in this process) or ray (tasks on a Ray cluster)"},
     "address": {"metavar": "auto|HOST:PORT", "help": "with --engine ray: a running Ray cluster (default: start one "
                 "on this machine)"},
 }
 _FILES, _DATA = "preset config set", "dataset root image-size"
-_TRAINING = "seed precision device devices num-nodes strategy smoke quiet"
+_TRAINING = "seed precision device devices num-nodes strategy smoke quiet verbose"
 COMMAND_FLAGS = {  # a command accepts only the flags it uses
     "run": f"{_FILES} {_DATA} {_TRAINING} objective pretrain-data",
     "pretrain": f"{_FILES} {_DATA} {_TRAINING} objective pretrain-data",
@@ -66,7 +69,8 @@ FLAG_RANGES = {"top_k": "[1, 1000]", "steps": "[1, 10000]", "warmup": "[0, 10000
 
 def _settings(p: argparse.ArgumentParser, command: str) -> None:
     for flag in COMMAND_FLAGS[command].split():
-        p.add_argument(f"--{flag}", **SETTING_FLAGS[flag])
+        p.add_argument(*(["-q"] if flag == "quiet" else ["-v"] if flag == "verbose" else []), f"--{flag}",
+                       **SETTING_FLAGS[flag])
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -441,14 +445,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def quiet_libraries() -> None:
-    """Keep the terminal for progress and results: no device banners, no advice we already follow."""
+def quiet_libraries(verbose: bool = False) -> None:
+    """Keep the terminal for progress and results: no device banners (unless ``verbose``), no advice we already
+    follow."""
     import lightning.pytorch  # noqa: F401  (it sets its loggers' levels on import: set ours after)
 
     for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
     for message in (".*does not have many workers.*", ".*number of training batches.*", ".*LitLogger.*", ".*LeafSpec.*",
-                    r".*module\(s\) in eval mode.*"):
+                    r".*module\(s\) in eval mode.*", "Checkpoint directory .* exists and is not empty"):
         warnings.filterwarnings("ignore", message=message)
 
 
@@ -495,8 +500,10 @@ def interrupted() -> int:
 def main(argv: list[str] | None = None) -> int:
     CTRL_C["seen"] = False
     previous = signal.signal(signal.SIGINT, _on_ctrl_c)
+    said = ExitStack()  # progress, headers and warnings on stderr; results on stdout
     try:  # all of it: Ctrl-C while torch and Lightning load is an interruption too
         args = build_parser().parse_args(argv)
+        said.enter_context(cli_logging(cli_level(getattr(args, "quiet", False), getattr(args, "verbose", False))))
         if args.command == "run" and not args.out:
             args.out = f"runs/{args.preset or 'quick'}"
         check_flags(args)
@@ -509,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv is None and args.command in TRAINING_COMMANDS:
             use_fast_allocator(args)
         if args.command in TRAINING_COMMANDS:
-            quiet_libraries()
+            quiet_libraries(getattr(args, "verbose", False))
         args.handler(args)
     except UserError as exc:
         print(f"aepretrain: error: {exc}", file=sys.stderr)
@@ -535,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
             return interrupted()
         raise
     finally:
+        said.close()
         signal.signal(signal.SIGINT, previous)
     return interrupted() if CTRL_C["seen"] else 0
 

@@ -34,6 +34,7 @@ from .evaluate import evaluate
 from .fileio import is_global_zero, write_json
 from .finetune import ArmResult, classifier_path, epochs_to_target, finetune
 from .models import Encoder
+from .output import header
 from .prediction import top_k
 from .pretrain import PretrainResult, pretrain, reconstruct, stage_path
 from .probe import probes
@@ -90,6 +91,8 @@ def _start(cfg: Config, out: Path, resume: bool, overwrite: bool, adding_arm: bo
                 cfg = reconcile(cfg, saved, out)
         bundle = prepare(cfg.data, cfg.seed, progress=cfg.trainer.progress)
         labels_required(bundle)
+        header(f"[data] {bundle.dataset}: {len(bundle.classes)} classes, train {len(bundle.train)}, val "
+               f"{len(bundle.val)}, test {len(bundle.test)} images at {bundle.image_size} px")
         write_json(out / "data.json", bundle.describe(out / "figures" / "samples.png" if main else None))
         metrics = _metrics(out) | {
             "preset": cfg.preset, "seed": cfg.seed, "smoke": cfg.trainer.smoke,
@@ -107,7 +110,11 @@ def _pretrain(cfg: Config, bundle: DataBundle, out: Path, metrics: dict[str, Any
                            "val_images": len(val),
                            "stages": [stage.as_json() for stage in pre.stages], "test_mse": pre.test_mse}
     if cfg.probe.enabled:
+        header("[probes] linear and kNN probes of the encoder's features at every depth, and of a random encoder's")
         metrics["probes"] = probes(bundle, pre.encoder, cfg.probe.train_limit, cfg.seed)
+        header("[probes] linear test accuracy by depth: " + ", ".join(
+            f"{encoder} " + " ".join(f"{r['linear_test']:.3f}" for r in metrics["probes"] if r["encoder"] == encoder)
+            for encoder in ("pretrained", "random")))
     write_json(out / "metrics.json", metrics)
     shown = bundle.test.take(np.arange(min(6, len(bundle.test))))
     originals = pixels(np.asarray(shown.images))
@@ -206,5 +213,6 @@ def _run(cfg: Config, out: Path, bundle: DataBundle, metrics: dict[str, Any], re
     write_json(out / "metrics.json", metrics)
     if is_global_zero():
         figures.predictions(shown.images, metrics["predictions"], out / "figures" / "predictions.png")
+        header(f"[report] writing report.md and report.html in {out}")
         write_report(out)
     return metrics

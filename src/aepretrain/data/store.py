@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import shutil
 import socket
@@ -254,8 +255,8 @@ def locked(path: Path, what: str) -> Iterator[None]:
             holder = path.read_text().strip()
         except OSError:
             holder = ""
-        print(f"aepretrain: {what} is being built by {holder or 'another process'}; waiting for it",
-              file=sys.stderr, flush=True)
+        logging.getLogger(__name__).warning(f"aepretrain: {what} is being built by {holder or 'another process'}; "
+                                            "waiting for it")
         f = _lock_file(path, blocking=True)
     assert f is not None
     with f:
