@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from aepretrain.cli import main
 from aepretrain.config import resolve
 from aepretrain.data import prepare
 from aepretrain.finetune import finetune
@@ -103,16 +104,17 @@ def test_on_a_terminal_the_bars_are_drawn_and_named(demo: tuple[Path, str, str],
     assert out.startswith("scratch: best val accuracy ") and "█" not in out  # the result alone on stdout
 
 
-def test_quiet_says_nothing_but_results_and_errors(demo: tuple[Path, str, str], tmp_path: Path) -> None:
+def test_quiet_says_nothing_but_results_and_errors(demo: tuple[Path, str, str], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
     run = copy_of(demo[0], tmp_path)
     done = cli("finetune", "--init", "scratch", "--out", str(run), *SETTINGS, "-q", capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.startswith("scratch: best val accuracy ")
     assert done.stderr == f"aepretrain: warning: Experiment logs directory {run / 'logs' / 'scratch'}/ exists and is " \
                           "not empty. Previous log files in this directory will be deleted when the new ones are " \
                           "saved!\n"  # Lightning's, as one line of ours: training the arm again replaces its logs
-    failed = cli("run", *SETTINGS, "--quiet", "--out", str(run), capture_output=True, text=True)
-    assert failed.returncode == 2 and failed.stdout == "" and failed.stderr.count("\n") == 1
-    assert failed.stderr.startswith(f"aepretrain: error: {run} already holds a run"), failed.stderr
+    assert main(["run", *SETTINGS, "--quiet", "--out", str(run)]) == 2
+    assert capsys.readouterr().err == f"aepretrain: error: {run} already holds a run: pass --resume to continue it " \
+                                      "or --overwrite to replace it\n"  # the one line, and nothing else
 
 
 def test_verbose_adds_debug_lines_and_lightnings_own(demo: tuple[Path, str, str], tmp_path: Path) -> None:
