@@ -115,11 +115,15 @@ def test_quiet_says_nothing_but_results_and_errors(demo: tuple[Path, str, str], 
     assert main(["run", *SETTINGS, "--quiet", "--out", str(run)]) == 2
     assert capsys.readouterr().err == f"aepretrain: error: {run} already holds a run: pass --resume to continue it " \
                                       "or --overwrite to replace it\n"  # the one line, and nothing else
+    assert main(["run", *SETTINGS, "-q", "-v", "--out", str(tmp_path / "new")]) == 2
+    assert capsys.readouterr().err == "aepretrain: error: --quiet and --verbose contradict each other: pass one of them\n"
+    assert not (tmp_path / "new").exists()
 
 
 def test_verbose_adds_debug_lines_and_lightnings_own(demo: tuple[Path, str, str], tmp_path: Path) -> None:
     run = copy_of(demo[0], tmp_path)
-    err = cli("finetune", "--init", "scratch", "--out", str(run), *SETTINGS, "-v", capture_output=True, text=True, check=True).stderr.splitlines()
+    err = cli("finetune", "--init", "scratch", "--out", str(run), *SETTINGS, "-v", capture_output=True, text=True,
+              check=True).stderr.splitlines()
     assert f"[finetune scratch] device cpu, precision 32, logs in {run / 'logs' / 'scratch'}, epoch checkpoints in " \
            f"{run / 'checkpoints' / 'resume' / 'scratch'}" in err, err
     assert "GPU available: False, used: False" in err, err
@@ -136,7 +140,8 @@ def test_an_epoch_without_validation_shows_no_validation_values(tmp_path: Path,
         finetune(cfg, prepare(cfg.data, cfg.seed), tmp_path, "scratch", val_every=2)
     said = [r.getMessage() for r in caplog.records if r.name.startswith("aepretrain")]  # a notebook's logging
     lines = [m for m in map(EPOCH.match, said) if m]
-    assert [(m["label"], m["epoch"]) for m in lines] == [("study f1 scratch seed 0", "1"), ("study f1 scratch seed 0", "2")]
+    assert [(m["label"], m["epoch"]) for m in lines] == [("study f1 scratch seed 0", "1"),
+                                                         ("study f1 scratch seed 0", "2")]
     assert "val_" not in lines[0]["rest"] and "val_loss" in lines[1]["rest"] and "val_acc" in lines[1]["rest"]
     assert said[0] == "[study f1 scratch seed 0] training the classifier from random weights: 2 epochs on " \
                                  "88 images"

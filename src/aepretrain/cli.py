@@ -74,8 +74,11 @@ def _settings(p: argparse.ArgumentParser, command: str) -> None:
 
 
 def check_flags(args: argparse.Namespace) -> None:
-    """The numbers of flags that are no setting, each in its range."""
+    """The numbers of flags that are no setting, each in its range; --quiet or --verbose, not both."""
     from .config import check_range
+
+    if getattr(args, "quiet", False) and getattr(args, "verbose", False):
+        raise UserError("--quiet and --verbose contradict each other: pass one of them")
 
     for flag, interval in FLAG_RANGES.items():
         if getattr(args, flag, None) is not None:

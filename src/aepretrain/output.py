@@ -3,8 +3,8 @@
 Library code logs (``logging.getLogger(__name__)``) and prints nothing: a notebook shows its lines only once
 logging is configured, e.g. ``logging.basicConfig(level=logging.INFO)``. The command line puts one handler on
 stderr (:func:`cli_logging`): info lines (step headers, one line per epoch, the data stores built) as they are,
-warnings (libraries' too) with aepretrain's prefix; results (tables, JSON, the final summary) stay on stdout, printed by cli.py.
-Which fit is training (:func:`fitting`) names its header, its progress bar and its epoch lines.
+warnings (libraries' too) with aepretrain's prefix; results (tables, JSON, the final summary) stay on stdout,
+printed by cli.py. Which fit is training (:func:`fitting`) names its header, its progress bar and its epoch lines.
 
 Example:
     >>> with fitting("study f0.1 greedy seed 3"):

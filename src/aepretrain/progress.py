@@ -63,8 +63,8 @@ class EpochLines(Callback):
 
 class Bars(TQDMProgressBar):
     """Lightning's training and validation bars, on stderr (its own go to stdout, among the results), each epoch's
-    named and left on the screen: ``[stage 2/3] epoch 1/2: 100%|████| ...``. A fit of aepretrain draws no others:
-    it runs no sanity check, and tests and predicts outside fits."""
+    named and left on the screen: ``[stage 2/3] epoch 1/2: 100%|████| ...``. A fit of aepretrain draws no
+    others: it runs no sanity check, and tests and predicts outside fits."""
 
     def __init__(self, label: str) -> None:
         super().__init__(leave=True)
