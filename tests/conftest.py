@@ -51,7 +51,8 @@ def numbers(out: Path) -> dict:
     """metrics.json without what legitimately differs between runs: timings and resume bookkeeping."""
     def strip(x):
         if isinstance(x, dict):
-            return {k: strip(v) for k, v in x.items() if k not in ("seconds", "resumed_from", "checkpoint")}
+            return {k: strip(v) for k, v in x.items()
+                    if k not in ("seconds", "val_seconds", "resumed_from", "checkpoint")}
         return [strip(v) for v in x] if isinstance(x, list) else x
     return strip(json.loads((out / "metrics.json").read_text()))
 

@@ -19,6 +19,7 @@ from .conftest import photo, tiny
 # one process, 3 in each of two (27 images each, one padded), 48 images an epoch either way.
 TINY = [*tiny("pretrain.epochs=2", "pretrain.batch_size=8", "finetune.batch_size=8", "data.synthetic_per_class=40"),
         "--device", "cpu"]
+TINY.remove("--quiet")  # the store's one "stored ..." line is counted: --quiet keeps warnings and errors only
 
 
 def samples_per_epoch(out: Path) -> dict[str, list[float]]:

@@ -9,11 +9,13 @@ import os
 import signal
 import sys
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .errors import UserError, shown
+from .output import cli_level, cli_logging
 
 TRAINING_COMMANDS = ("run", "pretrain", "finetune", "evaluate", "bench", "study")
 TRACKED_COMMANDS = ("run", "pretrain", "finetune", "study")  # their fits go to trainer.loggers
@@ -44,7 +46,8 @@ SETTING_FLAGS: dict[str, dict[str, Any]] = {  # every flag that sets a setting; 
                       "help": "pre-train on other images, e.g. an unlabelled folder (a path) or oxford-pets:DIR"},
     "smoke": {"action": "store_true", "default": None,
               "help": "one epoch of a few small batches: proves the preset runs end to end"},
-    "quiet": {"action": "store_true", "help": "no progress bars"},
+    "quiet": {"action": "store_true", "help": "no progress bars or lines: warnings and errors only"},
+    "verbose": {"action": "store_true", "help": "debug lines too, and Lightning's own"},
     "logger": {"metavar": "NAMES", "help": "where each stage's and arm's metrics go, comma-separated: csv, tensorboard "
                "(default: both, in DIR/logs), mlflow, wandb (offline)"},
     "engine": {"help": "serial (default: every task in this process) or ray (tasks on a Ray cluster)"},
@@ -52,7 +55,7 @@ SETTING_FLAGS: dict[str, dict[str, Any]] = {  # every flag that sets a setting; 
                 "on this machine)"},
 }
 _FILES, _DATA = "preset config set", "dataset root image-size"
-_TRAINING = "seed precision device devices num-nodes strategy smoke quiet logger"
+_TRAINING = "seed precision device devices num-nodes strategy smoke quiet verbose logger"
 COMMAND_FLAGS = {  # a command accepts only the flags it uses
     "run": f"{_FILES} {_DATA} {_TRAINING} objective pretrain-data",
     "pretrain": f"{_FILES} {_DATA} {_TRAINING} objective pretrain-data",
@@ -69,12 +72,16 @@ FLAG_RANGES = {"top_k": "[1, 1000]", "steps": "[1, 10000]", "warmup": "[0, 10000
 
 def _settings(p: argparse.ArgumentParser, command: str) -> None:
     for flag in COMMAND_FLAGS[command].split():
-        p.add_argument(f"--{flag}", **SETTING_FLAGS[flag])
+        p.add_argument(*(["-q"] if flag == "quiet" else ["-v"] if flag == "verbose" else []), f"--{flag}",
+                       **SETTING_FLAGS[flag])
 
 
 def check_flags(args: argparse.Namespace) -> None:
-    """The numbers of flags that are no setting, each in its range."""
+    """The numbers of flags that are no setting, each in its range; --quiet or --verbose, not both."""
     from .config import check_range
+
+    if getattr(args, "quiet", False) and getattr(args, "verbose", False):
+        raise UserError("--quiet and --verbose contradict each other: pass one of them")
 
     for flag, interval in FLAG_RANGES.items():
         if getattr(args, flag, None) is not None:
@@ -454,14 +461,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def quiet_libraries() -> None:
-    """Keep the terminal for progress and results: no device banners, no advice we already follow."""
+def quiet_libraries(verbose: bool = False) -> None:
+    """Keep the terminal for progress and results: no device banners (unless ``verbose``), no advice we already
+    follow."""
     import lightning.pytorch  # noqa: F401  (it sets its loggers' levels on import: set ours after)
 
     for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
     for message in (".*does not have many workers.*", ".*number of training batches.*", ".*LitLogger.*", ".*LeafSpec.*",
-                    r".*module\(s\) in eval mode.*"):
+                    r".*module\(s\) in eval mode.*", "Checkpoint directory .* exists and is not empty"):
         warnings.filterwarnings("ignore", message=message)
 
 
@@ -511,9 +519,11 @@ def interrupted() -> int:
 def main(argv: list[str] | None = None) -> int:
     CTRL_C.update(seen=False, signal=signal.SIGINT, command=None)
     previous = {signum: signal.signal(signum, _on_ctrl_c) for signum in (signal.SIGINT, signal.SIGTERM)}
+    said = ExitStack()  # progress, headers and warnings on stderr; results on stdout
     try:  # all of it: Ctrl-C while torch and Lightning load is an interruption too
         args = build_parser().parse_args(argv)
         CTRL_C["command"] = args.command
+        said.enter_context(cli_logging(cli_level(getattr(args, "quiet", False), getattr(args, "verbose", False))))
         if args.command == "run" and not args.out:
             args.out = f"runs/{args.preset or 'quick'}"
         check_flags(args)
@@ -530,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv is None and args.command in TRAINING_COMMANDS:
             use_fast_allocator(args)
         if args.command in TRAINING_COMMANDS:
-            quiet_libraries()
+            quiet_libraries(getattr(args, "verbose", False))
         args.handler(args)
     except UserError as exc:
         print(f"aepretrain: error: {exc}", file=sys.stderr)
@@ -556,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
             return interrupted()
         raise
     finally:
+        said.close()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return interrupted() if CTRL_C["seen"] else 0

@@ -40,6 +40,7 @@ from .fileio import first_line, is_global_zero, write_json
 from .finetune import epochs_to_target, finetune
 from .models import Encoder
 from .objectives import objective_of
+from .output import fitting, header
 from .pretrain import pretrain, stage_path
 from .runfolder import run_folder
 from .seeds import derive_seed, numpy_generator
@@ -79,7 +80,8 @@ def run_pretraining(cfg: Config, out: Path, objective: str, seed: int) -> dict[s
     c = _budgeted(_seeded(cfg, seed, objective))
     bundle = study_data(cfg)
     images, val, _ = pretrain_images(c, bundle)
-    result = pretrain(c, bundle, pretrain_folder(out, objective, seed), resume=True, images=(images, val))
+    with fitting(f"study {objective} seed {seed} {{fit}}"):
+        result = pretrain(c, bundle, pretrain_folder(out, objective, seed), resume=True, images=(images, val))
     passes = sum(int(row.get("samples", 0)) for stage in result.stages for row in stage.history)
     return {"seed": seed, "objective": objective, "images": len(images),
             "epochs": sum(len(stage.history) for stage in result.stages), "image_passes": passes,
@@ -380,7 +382,8 @@ def run_cell(cfg: Config, out: Path, fraction: float, arm: str, seed: int) -> di
     encoder = None
     if arm != "scratch":
         encoder = load_stage_encoder(stage_path(pretrain_folder(out, arm, seed), len(cfg.model.blocks)))[0]
-    cell = _cell(cfg, labelled, out, fraction, arm, seed, encoder)
+    with fitting(f"study f{fraction:g} {arm} seed {seed}"):
+        cell = _cell(cfg, labelled, out, fraction, arm, seed, encoder)
     unlabelled = len(pretrain_images(_seeded(cfg, seed), bundle)[0])  # the same images for every objective
     return cell | {"pretrain_images": unlabelled, "ratio": unlabelled / max(cell["labelled"], 1)}
 
@@ -425,6 +428,7 @@ def _finish(cfg: Config, out: Path, record: dict[str, Any], objectives: list[str
     write_json(out / "study.json", record)
     if not is_global_zero():
         return record
+    header(f"[report] writing study.csv, study.md and study.html in {out}")
     with open(out / "study.csv", "w", newline="") as f:
         keys = ["fraction", "labelled", "labelled_per_class", "pretrain_images", "ratio", "arm", "seed", "epochs",
                 "steps", "val_every", "test_accuracy", "test_loss", "best_val_accuracy", "epochs_to_target",

@@ -35,6 +35,7 @@ from .evaluate import evaluate
 from .fileio import check_folder, is_global_zero, write_json
 from .finetune import ArmResult, check_encoder, classifier_path, epochs_to_target, finetune
 from .models import Encoder
+from .output import header
 from .prediction import top_k
 from .pretrain import PretrainResult, pretrain, reconstruct, stage_path
 from .probe import probes
@@ -107,6 +108,8 @@ def _start(cfg: Config, out: Path, resume: bool, overwrite: bool, adding_arm: bo
     with run_folder(out, "run", resume or adding_arm, overwrite, before_writing=settle) as out:
         if bundle is None:  # another DDP process: the first one settled the folder
             bundle = _labelled_data(cfg)
+        header(f"[data] {bundle.dataset}: {len(bundle.classes)} classes, train {len(bundle.train)}, val "
+               f"{len(bundle.val)}, test {len(bundle.test)} images at {bundle.image_size} px")
         if main and saved_settings(out) is None:
             save_settings(cfg, out)
         write_json(out / "data.json", bundle.describe(out / "figures" / "samples.png" if main else None))
@@ -126,7 +129,11 @@ def _pretrain(cfg: Config, bundle: DataBundle, out: Path, metrics: dict[str, Any
                            "val_images": len(val),
                            "stages": [stage.as_json() for stage in pre.stages], "test_mse": pre.test_mse}
     if cfg.probe.enabled:
+        header("[probes] linear and kNN probes of the encoder's features at every depth, and of a random encoder's")
         metrics["probes"] = probes(bundle, pre.encoder, cfg.probe.train_limit, cfg.seed)
+        header("[probes] linear test accuracy by depth: " + ", ".join(
+            f"{encoder} " + " ".join(f"{r['linear_test']:.3f}" for r in metrics["probes"] if r["encoder"] == encoder)
+            for encoder in ("pretrained", "random")))
     write_json(out / "metrics.json", metrics)
     if pre.autoencoders:  # an objective that reconstructs; a contrastive one has no images to show
         shown = bundle.test.take(np.arange(min(6, len(bundle.test))))
@@ -242,5 +249,6 @@ def _run(cfg: Config, out: Path, bundle: DataBundle, metrics: dict[str, Any], re
     write_json(out / "metrics.json", metrics)
     if is_global_zero():
         figures.predictions(shown.images, metrics["predictions"], out / "figures" / "predictions.png")
+        header(f"[report] writing report.md and report.html in {out}")
         write_report(out)
     return metrics

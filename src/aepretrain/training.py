@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
@@ -36,6 +37,10 @@ from .config import Config, TrainerConfig, cut
 from .errors import UserError
 from .fileio import first_line, write_json, write_stream
 from .trackers import tracker_loggers
+from .output import fit_label, header
+from .progress import progress_callbacks
+
+LOG = logging.getLogger(__name__)
 
 
 class TrainingModule(L.LightningModule):
@@ -116,8 +121,10 @@ def fit_or_restore(module: TrainingModule, fit: Fit, cfg: Config, out: Path, cha
     gives the record's summary and the checkpoint's metadata; the weights are saved, then the record."""
     json_path = fit.weights.with_suffix(".json")
     needs = Record.KEYS + fit.summary_keys
+    label, says = fit_words(module, fit, cfg)
     done = read_finished(module.model, json_path, fit.weights, fit.kind, needs) if resume else None
     if done is not None:
+        header(f"[{label}] finished in an earlier run: restored from {fit.weights}")
         return Record.from_json(module.name, done)
     history = History(cfg.seed)
     last = last_checkpoint(out, module.name, resume)
@@ -125,13 +132,33 @@ def fit_or_restore(module: TrainingModule, fit: Fit, cfg: Config, out: Path, cha
         check_resumable(last, module)  # before Lightning starts, and warns about the folders it finds
     trackers = tracker_loggers(cfg, out, module.name, resuming=last is not None)
     tracking = [Tracking(trackers, history, cfg, module.name)] if trackers else []
-    run = trainer(cfg.trainer, out, module.name, fit.epochs, [*fit.callbacks, history, *tracking], fit.val_every)
+    shown = progress_callbacks(cfg.trainer.progress, label)
+    run = trainer(cfg.trainer, out, module.name, fit.epochs, [*fit.callbacks, history, *tracking, *shown],
+                  fit.val_every)
+    header(f"[{label}] {says}" + (f", continuing from {last}" if last else ""))
+    precision = resolved_precision(cfg.trainer.precision, cfg.trainer.device)
+    LOG.debug(f"[{label}] device {cfg.trainer.device}, precision {precision}, logs in {out / 'logs' / module.name}, "
+              f"epoch checkpoints in {resume_dir(out, module.name)}")
     run.fit(module, *fit.data, ckpt_path=last, weights_only=True)
     summary, meta = finish(history)
     save_model(module.model, fit.weights, fit.kind, cfg, channels, meta)
     record = Record(module.name, history.epochs, history.seconds(), history.resumed_from, summary)
     write_json(json_path, record.as_json())
     return record
+
+
+def fit_words(module: TrainingModule, fit: Fit, cfg: Config) -> tuple[str, str]:
+    """The fit's name as its header, bar and epoch lines show it (``stage 2/3``, ``finetune scratch``, or a study's
+    name for it), and what its header says it does."""
+    epochs = f"{fit.epochs} epoch{'s' if fit.epochs != 1 else ''} on {len(fit.data[0].dataset)} images"
+    if fit.kind == "classifier":
+        start = "the pre-trained encoder" if module.name == "pretrained" else "random weights"
+        return fit_label(f"finetune {module.name}"), f"training the classifier from {start}: {epochs}"
+    objective, stage = cfg.pretrain.objective, module.model.stage
+    if objective == "end-to-end":
+        return fit_label("end-to-end"), f"pre-training the whole encoder as one autoencoder: {epochs}"
+    return (fit_label(f"stage {stage}/{len(cfg.model.blocks)}"),
+            f"pre-training encoder block {stage} as an autoencoder ({objective}): {epochs}")
 
 
 CPU_BF16 = "AEPRETRAIN_CPU_BF16"
@@ -255,7 +282,6 @@ def trainer(t: TrainerConfig, out: Path, name: str, epochs: int, callbacks: Sequ
                                   save_on_train_epoch_end=True, enable_version_counter=False)
     last = resume_dir(out, name) / "last.ckpt"
     checks = [FiniteLoss(name, last), SampleCount(), FiniteEpoch(name, last)]
-    bars = [TQDMProgressBar(leave=True)] if t.progress else []
     files = {"csv": CSVLogger, "tensorboard": TensorBoardLogger}
     logs = [files[kind](out / "logs", name=name, version="") for kind in t.loggers if kind in files]
     try:
@@ -265,7 +291,8 @@ def trainer(t: TrainerConfig, out: Path, name: str, epochs: int, callbacks: Sequ
             max_epochs=epochs, check_val_every_n_epoch=val_every, gradient_clip_val=t.gradient_clip_val,
             deterministic=False,
             logger=logs or False,
-            callbacks=[*callbacks, *checks, resume_ckpt, *bars], enable_progress_bar=t.progress,
+            callbacks=[*callbacks, *checks, resume_ckpt],
+            enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),  # else Lightning adds its own
             plugins=[AtomicCheckpointIO()],
             enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10, **smoke,
         )

@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
-import sys
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -49,6 +49,7 @@ from ..fileio import atomic_write, first_line
 from .base import Images, Labelled, Store
 from .store import Progress, allocate, decode_into, in_units, locked, unless_locked, verify_rows, write_chunks
 
+LOG = logging.getLogger(__name__)
 FORMAT_VERSION = 3  # 3: XXH3 digests (2: SHA-1; 1: one .npz per entry)
 SHOW_PROGRESS: ContextVar[bool] = ContextVar("show_progress", default=True)
 ENTRY_FILE = re.compile(r"^(?P<entry>.+-[0-9a-f]{20})\.(?P<kind>npy|json|lock|npz)$")
@@ -204,9 +205,8 @@ def _build(entry: Entry, fill: Fill) -> None:
                                                  "stat": _stat_key(entry.file("npy"))}))
     seconds = time.perf_counter() - started
     size = entry.file("npy").stat().st_size
-    print(f"stored {len(meta['rows'])} images of {entry.name} ({in_units(size)}, {len(meta['skipped'])} skipped) "
-          f"in {entry.folder} in {seconds:.1f} s ({meta['shape'][0] / max(seconds, 1e-9):.0f} images/s)",
-          file=sys.stderr, flush=True)
+    LOG.info(f"stored {len(meta['rows'])} images of {entry.name} ({in_units(size)}, {len(meta['skipped'])} skipped) "
+             f"in {entry.folder} in {seconds:.1f} s ({meta['shape'][0] / max(seconds, 1e-9):.0f} images/s)")
 
 
 def load_or_build(cache_dir: str | None, name: str, key: str, fill: Fill) -> tuple[Labelled, list[dict]]:
@@ -227,8 +227,7 @@ def load_or_build(cache_dir: str | None, name: str, key: str, fill: Fill) -> tup
             try:
                 found = read_entry(entry)
             except Damaged as exc:
-                print(f"aepretrain: the cached data store {entry.file('npy')} is damaged ({exc}); rebuilding it",
-                      file=sys.stderr, flush=True)
+                LOG.warning(f"aepretrain: the cached data store {entry.file('npy')} is damaged ({exc}); rebuilding it")
                 found = None
             if found is None:
                 _build(entry, fill)

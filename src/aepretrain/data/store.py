@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import logging
 import os
 import shutil
 import signal
@@ -280,8 +281,8 @@ def locked(path: Path, what: str) -> Iterator[None]:
     and the next one says it took it over."""
     fd, holder = _lock_file(path, blocking=False)
     if fd is None:
-        print(f"aepretrain: {what} is being built by {holder or 'another process'}; waiting for it",
-              file=sys.stderr, flush=True)
+        logging.getLogger(__name__).warning(f"aepretrain: {what} is being built by {holder or 'another process'}; "
+                                            "waiting for it")
         fd, holder = _lock_file(path, blocking=True)
     assert fd is not None
     try:
