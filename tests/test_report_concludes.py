@@ -139,3 +139,15 @@ def test_the_lab_numbers_stand_beside_ours_on_the_lab_s_task(restarted: tuple[Pa
     assert "| total |  |  | 1,128,997 | 1,128,997 |" in md
     assert re.search(r"^\| scratch \|.* \| 1\.0759 \| 66\.78 % \| 66 \|$", md, re.M)
     assert "| lab report: a Bombay cat | Bombay | Bombay 0.999999 |" in md
+
+
+def test_resume_without_settings_of_a_start_that_saved_none_is_one_line(tmp_path, capsys) -> None:
+    from aepretrain.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".aepretrain-run.json").write_text('{"aepretrain": "0.1.0", "kind": "run"}')  # killed before its settings
+    assert main(["run", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (f"aepretrain: error: --resume: {out} holds no saved settings (a run there never "
+                                    "got past its start): give the run's settings again (--preset, --config, --set, ...)")

@@ -134,7 +134,11 @@ def _resolve_args(args: argparse.Namespace) -> Any:
     continuing = getattr(args, "resume", False) or args.command == "finetune"  # an arm joins the run in --out
     given = args.preset or args.config or args.set or any(v is not None for v in flags.values())
     if continuing and not given and getattr(args, "out", None):
-        cfg = saved_settings(args.out) or cfg  # verified; the API refuses given settings that contradict them
+        saved = saved_settings(args.out)  # verified; the API refuses given settings that contradict them
+        if saved is None and getattr(args, "resume", False):
+            raise UserError(f"--resume: {args.out} holds no saved settings (a run there never got past its start): "
+                            "give the run's settings again (--preset, --config, --set, ...)")
+        cfg = saved or cfg
     if getattr(args, "quiet", False):
         cfg.trainer.progress = False
     return cfg
