@@ -150,16 +150,17 @@ def _restarts(out: Path, kind: str) -> bool:
 
 def _holds_only(folder: Path, written: Tree, allowed: Tree) -> bool:
     """Whether, of the files and folders ``written`` names, ``folder`` holds only those ``allowed`` names."""
-    for entry in os.scandir(folder):
-        matched, holds = _match(entry.name, written)
-        if not matched:
-            continue  # the user's
-        known, inside = _match(entry.name, allowed)
-        if not known:
-            return False
-        if holds is not None and inside is not None and entry.is_dir(follow_symlinks=False) and \
-                not _holds_only(Path(entry.path), holds, inside):
-            return False
+    with os.scandir(folder) as entries:  # closed on an early return too
+        for entry in entries:
+            matched, holds = _match(entry.name, written)
+            if not matched:
+                continue  # the user's
+            known, inside = _match(entry.name, allowed)
+            if not known:
+                return False
+            if holds is not None and inside is not None and entry.is_dir(follow_symlinks=False) and \
+                    not _holds_only(Path(entry.path), holds, inside):
+                return False
     return True
 
 
@@ -170,7 +171,9 @@ def _remove_own(out: Path, kind: str) -> None:
 
 def _remove_matching(folder: Path, tree: Tree) -> None:
     """Remove the files ``tree`` names in ``folder``, then its folders that are left empty; never follow a link."""
-    for entry in list(os.scandir(folder)):
+    with os.scandir(folder) as entries:
+        listed = list(entries)
+    for entry in listed:
         matched, holds = _match(entry.name, tree)
         if not matched:
             continue
