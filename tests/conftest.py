@@ -90,3 +90,13 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert main(["pretrain", "--out", str(out), *settings]) == 0
     assert main(["finetune", "--init", "pretrained", "--out", str(out), *settings]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny run, shared read-only by the hostile-input tests (copy it before changing it)."""
+    from aepretrain.cli import main
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["run", "--out", str(out), *tiny("finetune.epochs=1", "probe.enabled=false")]) == 0
+    return out

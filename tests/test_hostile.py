@@ -37,13 +37,6 @@ def one_line_error(capsys: pytest.CaptureFixture[str], *parts: str) -> str:
     return err
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("finished") / "run"
-    assert main(["run", "--out", str(out), *TINY]) == 0
-    return out
-
-
 @pytest.fixture
 def copy(finished: Path, tmp_path: Path) -> Path:
     out = tmp_path / "run"

@@ -13,7 +13,7 @@ from aepretrain.cli import main
 from aepretrain.runfolder import LOCK, MARKER, run_folder
 
 from .conftest import tiny
-from .test_hostile import finished, one_line_error  # noqa: F401  (finished: a pytest fixture)
+from .test_hostile import one_line_error
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 CLASSIFIER = "classifier-scratch"
@@ -21,7 +21,7 @@ LONG = "a" * 300  # longer than a file name may be (255 bytes on Linux)
 
 
 @pytest.fixture
-def model(finished: Path, tmp_path: Path) -> Path:  # noqa: F811
+def model(finished: Path, tmp_path: Path) -> Path:
     """A copy of a trained classifier and its record in ``tmp_path/checkpoints``: exports may try to harm it."""
     folder = tmp_path / "checkpoints"
     folder.mkdir()
@@ -170,7 +170,7 @@ def test_export_makes_a_missing_folder(model: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("command", ["run", "export", "predict", "evaluate"])
-def test_a_name_too_long_is_one_line_with_the_path_shortened(command: str, tmp_path: Path, finished: Path,  # noqa: F811
+def test_a_name_too_long_is_one_line_with_the_path_shortened(command: str, tmp_path: Path, finished: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     long = tmp_path / LONG
     args = {"run": ["run", "--out", str(long), *tiny()],
@@ -194,7 +194,7 @@ def plant(folder: Path, names: list[str]) -> None:
         (folder / name).write_text(f"the user's {name}")
 
 
-def test_run_overwrite_keeps_the_users_files_in_aepretrains_folders(finished: Path,  # noqa: F811
+def test_run_overwrite_keeps_the_users_files_in_aepretrains_folders(finished: Path,
                                                                      tmp_path: Path) -> None:
     out, outside = tmp_path / "run", tmp_path / "outside"
     shutil.copytree(finished, out)
@@ -216,7 +216,7 @@ def test_run_overwrite_keeps_the_users_files_in_aepretrains_folders(finished: Pa
 
 
 @pytest.mark.parametrize("link", ["figures", "logs/stage1", "checkpoints/resume"])
-def test_run_overwrite_never_follows_a_link(link: str, finished: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_run_overwrite_never_follows_a_link(link: str, finished: Path, tmp_path: Path) -> None:
     out, outside = tmp_path / "run", tmp_path / "outside"
     shutil.copytree(finished, out)
     plant(outside, ["samples.png", "metrics.csv", "hparams.yaml", "stage1/last.ckpt", "mine.txt"])

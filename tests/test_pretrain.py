@@ -14,7 +14,8 @@ from aepretrain.config import resolve
 from aepretrain.data import prepare
 from aepretrain.data.loading import loader
 from aepretrain.models import Autoencoder, build_encoder
-from aepretrain.pretrain import StageModule, masked_mse, patch_mask, pretrain, stage_module
+from aepretrain.losses import masked_mse, patch_mask
+from aepretrain.pretrain import StageModule, pretrain, stage_module
 from aepretrain.training import trainer
 
 from .conftest import photo, tiny

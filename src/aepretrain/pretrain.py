@@ -32,7 +32,6 @@ from .callbacks import History
 from .config import Config, PretrainConfig
 from .data import DataBundle, Labelled
 from .data.loading import loader
-from .losses import masked_mse, patch_mask  # noqa: F401  (they lived here; tests and callers import them from here)
 from .models import Autoencoder, Encoder, build_encoder, summarize
 from .objectives import objective_of
 from .seeds import derive_seed
