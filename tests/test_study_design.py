@@ -90,3 +90,27 @@ def test_steps_to_target_are_paired_over_the_seeds_where_both_arms_reached_it() 
     assert row["epochs_difference"] == pytest.approx(((3 - 5) + (5 - 6)) / 2)
     assert row["pretrain_seconds"] == pytest.approx(11.0)
     assert row["ratio"] == 5.0 and row["labelled_per_class"] == 10.0
+
+
+def test_a_study_grows_by_seeds_and_objectives_without_training_a_finished_cell_again(tmp_path: Path) -> None:
+    """The grid's axes may change on resume: new cells run, finished ones are kept as they are, and the summary
+    and study.csv hold the cells of the grid asked for now."""
+    out = tmp_path / "study"
+    base = ["study", "--out", str(out), *tiny(), "--label-fractions", "1", "--set", "study.epochs=1",
+            "--set", "study.min_steps=1", "--set", "study.val_limit=null"]
+    assert main([*base, "--seeds", "1"]) == 0
+    first = json.loads((out / "study.json").read_text())
+    kept = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    assert main([*base, "--seeds", "2", "--objectives", "greedy,end-to-end"]) == 0
+    grown = json.loads((out / "study.json").read_text())
+    assert {(c["arm"], c["seed"]) for c in grown["cells"]} == {
+        (arm, seed) for arm in ("scratch", "greedy", "end-to-end") for seed in (0, 1)}
+    assert grown["cells"][:2] == first["cells"][:2]
+    assert all(path.stat().st_mtime_ns == mtime for path, mtime in kept.items())
+    assert {r["arm"]: r["seeds"] for r in grown["summary"]} == {"scratch": 2, "greedy": 2, "end-to-end": 2}
+    assert main([*base, "--seeds", "1"]) == 0  # the smaller grid again: nothing trains, its own cells reported
+    again = json.loads((out / "study.json").read_text())
+    assert len(again["cells"]) == 6 and again["settings"]["seeds"] == 1
+    assert {r["arm"]: r["seeds"] for r in again["summary"]} == {"scratch": 1, "greedy": 1}
+    with open(out / "study.csv") as f:
+        assert len(f.readlines()) == 1 + 2

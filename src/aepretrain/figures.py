@@ -6,13 +6,16 @@ Each function takes plain arrays or the numbers a run wrote to metrics.json, and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+if TYPE_CHECKING:
+    from .objectives import Objective
 
 
 def _show(ax: Any, image: np.ndarray) -> None:
@@ -59,15 +62,17 @@ def reconstructions(originals: np.ndarray, stages: list[np.ndarray], path: Path)
     return _save(fig, path)
 
 
-def pretrain_curves(stages: list[dict[str, Any]], path: Path) -> Path:
+def pretrain_curves(stages: list[dict[str, Any]], objective: Objective, path: Path) -> Path:
+    """Each stage's train and validation loss per epoch, titled and labelled by what ``objective`` trains."""
     fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3), squeeze=False)
+    network = "autoencoder" if objective.reconstructs else objective.name
     for ax, stage in zip(axes[0], stages):
         epochs = [row["epoch"] for row in stage["history"]]
         for key in ("train_loss", "val_loss"):
             ax.plot(epochs, [row.get(key, np.nan) for row in stage["history"]], marker=".", label=key)
-        ax.set_title(f"autoencoder #{stage['stage']}")
+        ax.set_title(f"{network} #{stage['stage']}" if objective.greedy else f"{network}, whole encoder")
         ax.set_xlabel("epoch")
-        ax.set_ylabel("MSE")
+        ax.set_ylabel(objective.loss_name)
         ax.legend(fontsize=8)
     return _save(fig, path)
 

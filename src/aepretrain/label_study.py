@@ -210,6 +210,9 @@ def _steps_to_target(mine: dict[int, dict[str, Any]], scratch: dict[int, dict[st
 
 # change no number (the engine and its resources change the thread count of a task: results differ in the last bits)
 IGNORED_ON_RESUME = {"trainer.progress", "study.engine", "study.address", "study.task_cpus", "study.task_gpus"}
+# the grid's axes: a cell is known by (fraction, arm, seed), so a study grows (more seeds, objectives or fractions)
+# without running a finished cell again, and a smaller grid reports only its own cells
+GRID = {"study.seeds", "study.objectives", "study.label_fractions"}
 
 
 def _open_study(cfg: Config, out: Path) -> dict[str, Any]:
@@ -228,12 +231,13 @@ def _open_study(cfg: Config, out: Path) -> dict[str, Any]:
     except (ValueError, KeyError, TypeError, UserError):
         raise UserError(f"{record_path} is damaged or from another version: pass --overwrite to start "
                         "the study again") from None
-    changed = differences(saved, cfg, ignore=IGNORED_ON_RESUME)
+    changed = differences(saved, cfg, ignore=IGNORED_ON_RESUME | GRID)
     if changed:
         key, old, new = changed[0]
         raise UserError(f"{out} holds a study run with {key}={old!r}, not {new!r}"
                         f"{f' (and {len(changed) - 1} more)' if len(changed) > 1 else ''}; "
                         "resume with the same settings, or pass --overwrite or another --out")
+    record["settings"] = settings  # the grid asked for now; the cells of a larger one are kept
     return record
 
 
@@ -424,7 +428,10 @@ def _finish(cfg: Config, out: Path, record: dict[str, Any], objectives: list[str
         c["epochs_to_target"] = epochs_to_target(c["history"], c["target"])
         c["steps_to_target"] = next((int(row["step"]) for row in c["history"]
                                      if row["epoch"] == c["epochs_to_target"]), None)
-    record["summary"] = summarize_cells(record["cells"], objectives, record.get("pretraining", []))
+    seeds = range(cfg.seed, cfg.seed + cfg.study.seeds)
+    grid = [c for c in record["cells"] if c["seed"] in seeds and c["fraction"] in cfg.study.label_fractions
+            and c["arm"] in ["scratch", *objectives]]
+    record["summary"] = summarize_cells(grid, objectives, record.get("pretraining", []))
     write_json(out / "study.json", record)
     if not is_global_zero():
         return record
@@ -435,6 +442,6 @@ def _finish(cfg: Config, out: Path, record: dict[str, Any], objectives: list[str
                 "steps_to_target", "seconds", "val_share"]
         writer = csv.DictWriter(f, keys, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(record["cells"])
+        writer.writerows(grid)
     write_study_report(out)
     return record

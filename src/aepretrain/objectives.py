@@ -40,6 +40,7 @@ class Objective:
     greedy: ClassVar[bool] = True  # one stage per block, earlier blocks frozen; False: every block at once
     kind: ClassVar[str] = "autoencoder"  # the kind of checkpoint its network is saved as
     reconstructs: ClassVar[bool] = True  # its network outputs images: tested by reconstruction error, figured
+    loss_name: ClassVar[str] = "reconstruction MSE"  # what its loss is, for figures and tables
 
     def __init__(self, settings: PretrainConfig) -> None:
         self.settings = settings
@@ -83,6 +84,7 @@ class Masked(Objective):
     """Random square patches blanked out of the input; the error counts the masked pixels only."""
 
     name = "greedy-masked"
+    loss_name = "MSE of the masked pixels"
 
     def loss(self, network: nn.Module, x: torch.Tensor) -> torch.Tensor:
         s = self.settings
@@ -105,6 +107,7 @@ class SimCLR(Objective):
     greedy = False
     kind = "contrastive"
     reconstructs = False
+    loss_name = "NT-Xent"
 
     def network(self, encoder: Encoder, stage: int) -> nn.Module:
         s = self.settings
@@ -120,6 +123,7 @@ class BYOL(SimCLR):
     (Grill et al. 2020). No negatives: the predictor and the slowly moving target keep it from collapsing."""
 
     name = "byol"
+    loss_name = "2 - 2 cos, both views"
 
     def network(self, encoder: Encoder, stage: int) -> nn.Module:
         return MomentumPair(super().network(encoder, stage), self.settings.hidden_dim)

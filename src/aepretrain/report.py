@@ -18,7 +18,9 @@ from typing import Any
 from . import figures
 from .errors import UserError
 from .fileio import first_line, printable
+from .config import PretrainConfig
 from .models import summary
+from .objectives import objective_of
 from .probe import KNN_K
 from .reference import REFERENCE, SETUP, same_task
 from .runfolder import MARKER, SETTINGS, saved_settings
@@ -374,10 +376,11 @@ def _verdicts(summary: list[dict[str, Any]], figure_path: Path) -> list[Block]:
     figure = figures.study_gain(summary, figure_path)
     return [("h3", "Verdicts"),
             _table(["labelled per class", "unlabelled : labelled", "objective", "gain (points)",
-                    "95 % interval (points)", "verdict", "pre-training s", "steps to target vs scratch [95 %]"],
+                    "95 % interval (points)", "verdict", "pre-training time", "steps to target vs scratch [95 %]"],
                    [[f"{r['labelled_per_class']:.3g}" if r.get("labelled_per_class") else "",
                      f"{r['ratio']:.3g} : 1" if r.get("ratio") else "", r["arm"], gain_text(r["gain"]),
-                     interval_text(r), r["verdict"], r.get("pretrain_seconds"), steps_text(r)] for r in rows]),
+                     interval_text(r), r["verdict"], duration(r.get("pretrain_seconds")), steps_text(r)]
+                    for r in rows]),
             ("img", (figure, "Gain over scratch against labelled images per class (log scale): mean over seeds, "
                              "band: paired 95 % interval"))]
 
@@ -453,7 +456,8 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
     out = Path(out)
     m, data = finished_metrics(out), _load(out, "data.json")
     fig = out / "figures"
-    figures.pretrain_curves(m["pretrain"]["stages"], fig / "pretrain-curves.png")
+    objective = objective_of(PretrainConfig(objective=m["pretrain"].get("objective", "greedy")))
+    figures.pretrain_curves(m["pretrain"]["stages"], objective, fig / "pretrain-curves.png")
     figures.finetune_curves(m["finetune"], m.get("target_accuracy"), fig / "finetune-curves.png")
     if m.get("probes"):
         figures.probe_accuracy(m["probes"], fig / "probes.png")
