@@ -6,6 +6,7 @@ import io
 import tarfile
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -55,12 +56,9 @@ def _write_fake_archives(folder: Path) -> dict[str, tuple[str, int]]:
     return {name: _expected(folder / name) for name in ("images.tar.gz", "annotations.tar.gz")}
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[PetsServer]:
-    folder = tmp_path / "served"
-    folder.mkdir()
-    archives = _write_fake_archives(folder)
-    requests: list[str] = []
+@contextmanager
+def serving(folder: Path, requests: list[str]) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 for the files in ``folder``, recording each request's path; its base URL."""
 
     class RecordingHandler(http.server.SimpleHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -77,11 +75,21 @@ def server(tmp_path: Path) -> Iterator[PetsServer]:
     thread.start()
     try:
         host, port = httpd.server_address[:2]
-        yield PetsServer(f"http://{host}:{port}/", folder, archives, requests)
+        yield f"http://{host}:{port}/"
     finally:
         httpd.shutdown()
         httpd.server_close()
         thread.join()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[PetsServer]:
+    folder = tmp_path / "served"
+    folder.mkdir()
+    archives = _write_fake_archives(folder)
+    requests: list[str] = []
+    with serving(folder, requests) as base_url:
+        yield PetsServer(base_url, folder, archives, requests)
 
 
 def test_download_extracts_verified_archives(

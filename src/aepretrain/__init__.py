@@ -18,6 +18,8 @@ The Python API, the same the CLI calls:
 from importlib import import_module
 from typing import Any
 
+from .errors import require_posix
+
 __version__ = "0.1.0"
 
 # Imported on first use, so that `aepretrain --help` does not wait for torch and Lightning.
@@ -32,6 +34,8 @@ __all__ = [*_API, "__version__"]
 def __getattr__(name: str) -> Any:
     if name not in _API:
         raise AttributeError(f"module 'aepretrain' has no attribute '{name}'")
+    if name != "UserError":
+        require_posix()  # Windows: one clear line, not fcntl's ImportError from deep inside
     value = getattr(import_module(f".{_API[name]}", __name__), name)
     globals()[name] = value
     return value

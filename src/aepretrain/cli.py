@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import UserError, shown
+from .errors import UserError, require_posix, shown
 from .output import cli_level, cli_logging
 
 TRAINING_COMMANDS = ("run", "pretrain", "finetune", "evaluate", "bench", "study")
@@ -291,10 +291,18 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> None:
-    from .data.download import OXFORD_PETS_BASE_URL, download_oxford_pets
+    from .data.download import DATASETS, download, downloaded_root
 
-    root = download_oxford_pets(args.root, base_url=args.url or OXFORD_PETS_BASE_URL)
-    print(f"Oxford-IIIT Pet is in {root}: use --dataset oxford-pets --root {root}")
+    if args.dataset not in DATASETS:
+        raise UserError(f"download --dataset {args.dataset!r}: there is none to download; choose "
+                        f"{' or '.join(DATASETS)}")
+    if args.dataset == "oxford-pets" and not args.root:
+        raise UserError("download --dataset oxford-pets needs --root DIR: where to unpack its 800 MB")
+    root = download(args.dataset, args.root or downloaded_root(args.dataset), base_url=args.url)
+    if args.dataset == "oxford-pets":
+        print(f"Oxford-IIIT Pet is in {root}: use --dataset oxford-pets --root {root}")
+    else:
+        print(f"Fashion-MNIST is in {root}: " + (f"use --root {root}" if args.root else "runs find it without --root"))
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
@@ -458,8 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR")
     p.set_defaults(handler=cmd_report)
 
-    p = sub.add_parser("download", help="fetch the Oxford-IIIT Pet archives, check their md5 and unpack them")
-    p.add_argument("--root", required=True, metavar="DIR")
+    p = sub.add_parser("download", help="fetch a data set's official files, check their size and md5, unpack them")
+    p.add_argument("--dataset", default="oxford-pets", help="oxford-pets (default) or fashion-mnist")
+    p.add_argument("--root", metavar="DIR", help="where the files go (needed for oxford-pets; fashion-mnist: default "
+                   "datasets/fashion-mnist in the cache folder, where runs look for it)")
     p.add_argument("--url", help="another base URL (a mirror)")
     p.set_defaults(handler=cmd_download)
     return parser
@@ -525,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = {signum: signal.signal(signum, _on_ctrl_c) for signum in (signal.SIGINT, signal.SIGTERM)}
     said = ExitStack()  # progress, headers and warnings on stderr; results on stdout
     try:  # all of it: Ctrl-C while torch and Lightning load is an interruption too
+        require_posix()
         args = build_parser().parse_args(argv)
         CTRL_C["command"] = args.command
         said.enter_context(cli_logging(cli_level(getattr(args, "quiet", False), getattr(args, "verbose", False))))

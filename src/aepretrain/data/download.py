@@ -1,12 +1,13 @@
-"""Download the official Oxford-IIIT Pet archives, check their md5, and unpack them.
+"""Download a data set's official files, check their md5, and unpack the archives among them.
 
-Each archive is streamed to ``<root>/<name>.part`` while its md5 is computed, and
-only renamed to ``<root>/<name>`` when the md5 matches, so a half-written or
-corrupt download never sits under the final name. Each archive's size is known:
-a mirror that sends more is cut off there, and the ``.part`` file is removed
-however the download ends (an error, Ctrl-C, SIGTERM through the CLI). Nothing is extracted until
-every archive has been verified and every tar member has been checked to stay
-inside ``root``. An archive already present with the right md5 is not fetched again.
+``DATASETS`` says where each data set's files are, with their md5 and size: the Oxford-IIIT Pet archives
+(unpacked) and Fashion-MNIST's four gzipped idx files (read as they are). Each file is streamed to
+``<root>/<name>.part`` while its md5 is computed, and only renamed to ``<root>/<name>`` when the md5 matches, so a
+half-written or corrupt download never sits under the final name. Each file's size is known: a mirror that sends
+more is cut off there, and the ``.part`` file is removed however the download ends (an error, Ctrl-C, SIGTERM
+through the CLI). Nothing is extracted until every archive has been verified and every tar member has been checked
+to stay inside ``root``. A file already present with the right md5 is not fetched again. Only `aepretrain download`
+calls this: reading a data set never downloads.
 """
 
 import hashlib
@@ -17,19 +18,83 @@ import tarfile
 import urllib.error
 import urllib.request
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 from aepretrain.errors import UserError
+
+from .cache import cache_root
 
 OXFORD_PETS_BASE_URL = "https://www.robots.ox.ac.uk/~vgg/data/pets/data/"
 OXFORD_PETS_ARCHIVES = {  # name: (md5, size in bytes) of the official files
     "images.tar.gz": ("5c4f3ee8e5d25df40f4fd59a7f44e54c", 791918971),
     "annotations.tar.gz": ("95a8c909bbe2e81eed6a22bccdf3f68f", 19173078),
 }
+FASHION_MNIST_BASE_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FASHION_MNIST_FILES = {  # name: (md5, size in bytes), as the zalandoresearch/fashion-mnist README publishes them
+    "train-images-idx3-ubyte.gz": ("8d4fb7e6c68d591d4c3dfef9ec88bf0d", 26421880),
+    "train-labels-idx1-ubyte.gz": ("25c81989df183df01b3e8a0aad5dffbe", 29515),
+    "t10k-images-idx3-ubyte.gz": ("bef4ecab320f06d8554ea6380940ec79", 4422102),
+    "t10k-labels-idx1-ubyte.gz": ("bb300cfdad3c16e7a12a480ee83cd310", 5148),
+}
+
+
+@dataclass(frozen=True)
+class Downloadable:
+    """Where a data set's files are (``base_url`` + name), their md5 and size, and whether they are tar.gz archives
+    to unpack into the download folder."""
+    base_url: str
+    files: dict[str, tuple[str, int]]
+    unpack: bool
+
+
+DATASETS = {
+    "oxford-pets": Downloadable(OXFORD_PETS_BASE_URL, OXFORD_PETS_ARCHIVES, unpack=True),
+    "fashion-mnist": Downloadable(FASHION_MNIST_BASE_URL, FASHION_MNIST_FILES, unpack=False),
+}
 
 _CHUNK_BYTES = 1 << 20
 _PROGRESS_EVERY_BYTES = 16 << 20
 _TIMEOUT_S = 60.0
+
+
+def downloaded_root(dataset: str) -> Path:
+    """Where `aepretrain download --dataset DATASET` puts the files when no --root is given, and where reading the
+    data set looks after its usual places: ``datasets/DATASET`` in the cache folder (``$AEPRETRAIN_CACHE``, else
+    ``$XDG_CACHE_HOME/aepretrain`` or ``~/.cache/aepretrain``), where `aepretrain cache clear` does not reach."""
+    return cache_root(None) / "datasets" / dataset
+
+
+def download(dataset: str, root: str | Path, base_url: str | None = None,
+             files: dict[str, tuple[str, int]] | None = None, progress: bool = True) -> Path:
+    """Fetch ``dataset``'s files (a key of ``DATASETS``) into ``root``, verify each, and unpack its archives.
+
+    ``base_url`` (a mirror) and ``files`` (name: md5, size) replace the official ones. Raises ``UserError`` on a
+    network error, an HTTP error, a size or md5 mismatch, a corrupt or unsafe archive, or a ``root`` that cannot
+    be written; no file whose md5 is wrong is left behind.
+    """
+    source = DATASETS[dataset]
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create download folder {root}: {exc}") from exc
+
+    base = base_url or source.base_url
+    base = base if base.endswith("/") else base + "/"
+    paths = []
+    for name, (expected_md5, size) in (files or source.files).items():
+        path = root / name
+        if path.is_file() and path.stat().st_size == size and _file_md5(path) == expected_md5:
+            if progress:
+                print(f"{name}: already present, md5 ok", file=sys.stderr)
+        else:
+            _download_verified(base + name, path, expected_md5, size, progress)
+        paths.append(path)
+
+    if source.unpack:
+        _extract_all(paths, root)
+    return root
 
 
 def download_oxford_pets(
@@ -60,25 +125,7 @@ def download_oxford_pets(
         >>> sorted(p.name for p in root.iterdir())
         ['annotations', 'annotations.tar.gz', 'images', 'images.tar.gz']
     """
-    root = Path(root)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create download folder {root}: {exc}") from exc
-
-    base = base_url if base_url.endswith("/") else base_url + "/"
-    paths = []
-    for name, (expected_md5, size) in archives.items():
-        path = root / name
-        if path.is_file() and path.stat().st_size == size and _file_md5(path) == expected_md5:
-            if progress:
-                print(f"{name}: already present, md5 ok", file=sys.stderr)
-        else:
-            _download_verified(base + name, path, expected_md5, size, progress)
-        paths.append(path)
-
-    _extract_all(paths, root)
-    return root
+    return download("oxford-pets", root, base_url, archives, progress)
 
 
 def _download_verified(url: str, path: Path, expected_md5: str, size: int, progress: bool) -> None:

@@ -1,4 +1,5 @@
-"""Fashion-MNIST, the built-in default: idx files from Debian's dataset-fashion-mnist, or from --root.
+"""Fashion-MNIST, the built-in default: idx files from --root, else Debian's dataset-fashion-mnist, else the copy
+`aepretrain download --dataset fashion-mnist` put in the cache folder. Reading never downloads.
 
 70,000 grayscale 28x28 images of 10 kinds of clothing (60,000 train, 10,000 official test).
 """
@@ -16,21 +17,41 @@ import torch.nn.functional as F
 from ..errors import UserError
 from .base import Source
 from .cache import cached, fingerprint
+from .download import downloaded_root
 
 DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 RESIZE_CHUNK = 2048  # images resized at a time: memory stays small at any size
-HOW_TO_GET = ("install it with `sudo apt-get install dataset-fashion-mnist` (files under "
-              f"{DEBIAN_ROOT}) or pass --root to a folder holding the four idx files")
+HOW_TO_GET = ("get it with `sudo apt-get install dataset-fashion-mnist` or `aepretrain download --dataset "
+              "fashion-mnist`, or pass --root to a folder holding the four idx files")
+
+
+def _present(root: Path, stem: str) -> Path | None:
+    return next((root / name for name in (stem + ".gz", stem) if (root / name).is_file()), None)
 
 
 def _find(root: Path, stem: str) -> Path:
-    for name in (stem + ".gz", stem):
-        if (root / name).is_file():
-            return root / name
-    raise UserError(f"Fashion-MNIST file {stem}(.gz) not found in {root}; {HOW_TO_GET}")
+    path = _present(root, stem)
+    if path is None:
+        raise UserError(f"Fashion-MNIST file {stem}(.gz) not found in {root}; {HOW_TO_GET}")
+    return path
+
+
+def find_root(root: str | None) -> Path:
+    """The folder to read: ``root`` when given, else the first of Debian's folder and the downloaded copy that
+    holds all four idx files."""
+    if root:
+        if not Path(root).is_dir():
+            raise UserError(f"Fashion-MNIST not found (--root {root} does not exist); {HOW_TO_GET}")
+        return Path(root)
+    places = (DEBIAN_ROOT, downloaded_root("fashion-mnist"))
+    for folder in places:
+        if all(_present(folder, stem) for stems in FILES.values() for stem in stems):
+            return folder
+    raise UserError(f"Fashion-MNIST not found (neither {places[0]} nor {places[1]} holds its four idx files); "
+                    f"{HOW_TO_GET}")
 
 
 def _read_idx(path: Path, ndim: int) -> np.ndarray:
@@ -58,10 +79,7 @@ def resize_batch(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def read(root: str | None, size: int, cache_dir: str | None, **_: object) -> Source:
-    folder = Path(root) if root else DEBIAN_ROOT
-    if not folder.is_dir():
-        where = f"--root {folder}" if root else f"the built-in data set in {folder}"
-        raise UserError(f"Fashion-MNIST not found ({where} does not exist); {HOW_TO_GET}")
+    folder = find_root(root)
     splits = {}
     for split, (images_stem, labels_stem) in FILES.items():
         paths = [_find(folder, images_stem), _find(folder, labels_stem)]
