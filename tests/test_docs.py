@@ -73,7 +73,7 @@ def test_the_settings_page_shows_defaults_presets_and_ranges_from_the_code(site:
     _, shown_default, presets, allowed, _ = rows["finetune.epochs"]
     assert shown_default == str(default)
     assert f"quick: {quick}" in presets.split("\n")
-    assert allowed == config.RANGES["finetune.epochs"]
+    assert allowed == next(s.range for s in config.schema() if s.key == "finetune.epochs")
     assert rows["trainer.precision"][3] == "one of " + ", ".join(config.PRECISIONS)
     assert rows["data.max_pixels"][4] == "larger images are refused as possible decompression bombs"
 

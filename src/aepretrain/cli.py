@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -27,32 +28,31 @@ COMMON = {  # flag -> dotted setting
 }
 
 
+FLAG_SETTINGS = {**COMMON, "preset": "preset", "smoke": "trainer.smoke", "logger": "trainer.loggers",
+                 "label_fractions": "study.label_fractions", "objectives": "study.objectives"}  # help from the schema
 SETTING_FLAGS: dict[str, dict[str, Any]] = {  # every flag that sets a setting; COMMAND_FLAGS says who takes which
-    "preset": {"help": "named settings: quick (default), pets-sample, seed, tiny"},
+    "preset": {},
     "config": {"metavar": "FILE", "help": "a YAML file of settings that override the preset"},
     "set": {"action": "append", "default": [], "metavar": "KEY=VALUE",
             "help": "override one setting by its dotted key, e.g. finetune.epochs=3 (repeatable)"},
-    "dataset": {"help": "fashion-mnist (default), oxford-pets, folder or synthetic"},
-    "root": {"help": "the data set's folder"},
-    "image-size": {"type": int, "help": "square size images are resized to"},
-    "seed": {"type": int, "help": "fixes splits, initialisation, augmentation and data order"},
-    "precision": {"help": "auto (default: bf16 where the hardware has it), 32, bf16-mixed, 16-mixed"},
-    "device": {"help": "auto (default), cpu, cuda, mps"},
-    "devices": {"help": "how many devices (or a list like 0,1) for Lightning"},
-    "num-nodes": {"type": int, "help": "nodes for multi-node training (torchrun, SLURM)"},
-    "strategy": {"help": "Lightning strategy: auto, ddp, ddp_spawn, ..."},
-    "objective": {"help": "greedy (default), greedy-denoising, greedy-masked, end-to-end, simclr, byol"},
+    "dataset": {},
+    "root": {},
+    "image-size": {"type": int},
+    "seed": {"type": int},
+    "precision": {},
+    "device": {},
+    "devices": {},
+    "num-nodes": {"type": int},
+    "strategy": {},
+    "objective": {},
     "pretrain-data": {"metavar": "[DATASET:]ROOT",
                       "help": "pre-train on other images, e.g. an unlabelled folder (a path) or oxford-pets:DIR"},
-    "smoke": {"action": "store_true", "default": None,
-              "help": "one epoch of a few small batches: proves the preset runs end to end"},
+    "smoke": {"action": "store_true", "default": None},
     "quiet": {"action": "store_true", "help": "no progress bars or lines: warnings and errors only"},
     "verbose": {"action": "store_true", "help": "debug lines too, and Lightning's own"},
-    "logger": {"metavar": "NAMES", "help": "where each stage's and arm's metrics go, comma-separated: csv, tensorboard "
-               "(default: both, in DIR/logs), mlflow, wandb (offline)"},
-    "engine": {"help": "serial (default: every task in this process) or ray (tasks on a Ray cluster)"},
-    "address": {"metavar": "auto|HOST:PORT", "help": "with --engine ray: a running Ray cluster (default: start one "
-                "on this machine)"},
+    "logger": {"metavar": "NAMES"},
+    "engine": {},
+    "address": {"metavar": "auto|HOST:PORT"},
 }
 _FILES, _DATA = "preset config set", "dataset root image-size"
 _TRAINING = "seed precision device devices num-nodes strategy smoke quiet verbose logger"
@@ -65,15 +65,71 @@ COMMAND_FLAGS = {  # a command accepts only the flags it uses
     "data": f"{_FILES} {_DATA} seed",
     "summary": f"{_FILES} image-size",
     "bench": f"{_FILES} image-size device",
+    "config show": _FILES,
+    "config keys": "preset",
 }
-FLAG_RANGES = {"top_k": "[1, 1000]", "steps": "[1, 10000]", "warmup": "[0, 10000]", "batch": "[1, 65536]",
-               "seconds": "[0, 86400]"}
+FLAG_RANGES = {"steps": "[1, 10000]", "warmup": "[0, 10000]", "seconds": "[0, 86400]"}  # flags that are no setting
+RANGE_FROM = {"top_k": "predict.top_k", "batch": "finetune.batch_size"}  # ... but take one's range
+DEFAULTS_SAID = "Defaults are the quick preset's; aepretrain config show --preset NAME prints another's."
+
+
+@functools.cache
+def _schema_and_quick() -> tuple[dict[str, Any], Any]:
+    """Every setting by its dotted key, and the quick preset's values: what flags' help says."""
+    from .config import resolve, schema
+
+    return {s.key: s for s in schema()}, resolve("quick")
+
+
+@functools.cache
+def setting_help(key: str) -> str:
+    """A flag's help from its setting's schema: what it is, what it takes and its value in the quick preset."""
+    from .config import choices_of
+
+    settings, value = _schema_and_quick()
+    found = settings[key]
+    choices = choices_of(found)
+    allowed = f"one of {', '.join(choices)}" if choices else f"in {found.range}" if found.range else ""
+    if found.rule != key:
+        allowed = ", each ".join(filter(None, ["comma-separated", allowed]))
+    for part in key.split("."):
+        value = getattr(value, part)
+    shown = ",".join(map(str, value)) if isinstance(value, list) else \
+        json.dumps(value) if value is None or isinstance(value, bool) else value
+    return ("; ".join(filter(None, [found.help, allowed])) + f" (default: {shown})").replace("%", "%%")
+
+
+class _DefaultsShown(argparse.HelpFormatter):
+    """Help that gives each flag's range and default where its own text does not."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        interval = flag_ranges().get(action.dest) if action.option_strings else None
+        text += f"; in {interval}" if interval else ""
+        default = action.default
+        if "default" not in text and not (default is argparse.SUPPRESS or isinstance(default, bool)
+                                          or default in (None, "", [])):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"formatter_class": _DefaultsShown, **kwargs})
 
 
 def _settings(p: argparse.ArgumentParser, command: str) -> None:
+    p.epilog = DEFAULTS_SAID
     for flag in COMMAND_FLAGS[command].split():
+        key = FLAG_SETTINGS.get(flag.replace("-", "_"))
         p.add_argument(*(["-q"] if flag == "quiet" else ["-v"] if flag == "verbose" else []), f"--{flag}",
-                       **SETTING_FLAGS[flag])
+                       **SETTING_FLAGS[flag], **({"help": setting_help(key)} if key else {}))
+
+
+def flag_ranges() -> dict[str, str]:
+    """The range of every number flag that is no setting, by its name in argparse's namespace."""
+    settings, _ = _schema_and_quick()
+    return FLAG_RANGES | {flag: settings[key].range for flag, key in RANGE_FROM.items()}
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -83,7 +139,7 @@ def check_flags(args: argparse.Namespace) -> None:
     if getattr(args, "quiet", False) and getattr(args, "verbose", False):
         raise UserError("--quiet and --verbose contradict each other: pass one of them")
 
-    for flag, interval in FLAG_RANGES.items():
+    for flag, interval in flag_ranges().items():
         if getattr(args, flag, None) is not None:
             check_range(f"--{flag.replace('_', '-')}", getattr(args, flag), interval)
 
@@ -357,12 +413,18 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2) if args.json else table(report))
 
 
+def cmd_config(args: argparse.Namespace) -> None:
+    from .config import dump, keys_table
+
+    print(dump(resolve_args(args)) if args.action == "show" else keys_table(args.preset or "quick"), end="")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aepretrain", description="Greedy layer-wise convolutional autoencoder pre-training for CNN "
         "classifiers, fine-tuning, and an honest comparison with training from scratch.")
     parser.add_argument("--version", action="version", version=f"aepretrain {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("run", help="the whole job: pretrain, fine-tune both arms, evaluate, predict, report")
     _settings(p, "run")
@@ -388,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="train the classifier from the pre-trained encoder or from scratch")
     _settings(p, "finetune")
     _out(p, overwrite=False)
-    p.add_argument("--init", choices=["pretrained", "scratch"], required=True)
+    p.add_argument("--init", choices=["pretrained", "scratch"], required=True,
+                   help="the arm: from the pre-trained encoder, or from initial weights")
     p.add_argument("--encoder", metavar="PATH",
                    help="a pretrain-stageK.safetensors (default: the last stage in the run folder)")
     p.set_defaults(handler=cmd_finetune)
@@ -401,16 +464,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_evaluate)
 
     p = sub.add_parser("predict", help="top-k classes of any image files")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files to classify")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a classifier-*.safetensors")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=int, default=3, help="classes shown for each image")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=cmd_predict)
 
     p = sub.add_parser("export", help="the classifier as ONNX or TorchScript, or the encoder alone as a backbone")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a classifier-*.safetensors (backbone: a pretrain-stageK.safetensors too)")
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "backbone"])
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "backbone"],
+                   help="onnx or torchscript: the classifier; backbone: the encoder's weights alone")
     p.add_argument("--out", required=True, metavar="FILE",
                    help="the file to write; backbone: also FILE.json beside it (the spec), e.g. encoder.safetensors "
                    "and encoder.json. Missing folders are made. A file that exists is refused, unless --overwrite; "
@@ -422,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a classifier-*.safetensors")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default 8000; 0 takes a free one")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=int, default=5, help="classes each answer gives")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads are refused (default 20)")
     p.add_argument("--max-pixels", type=int, help="larger images are refused as possible decompression bombs "
                    "(default: Pillow's limit, 89,478,485)")
@@ -448,22 +512,21 @@ def build_parser() -> argparse.ArgumentParser:
     _settings(p, "study")
     p.add_argument("--out", default="runs/study", metavar="DIR", help="the study folder (resumed if it exists)")
     p.add_argument("--overwrite", action="store_true", help="start the study in DIR again")
-    p.add_argument("--label-fractions", help="comma-separated, e.g. 0.01,0.1,1")
-    p.add_argument("--seeds", type=int, help="how many seeds, from --seed on")
-    p.add_argument("--objectives", help="comma-separated pre-training objectives to compare with scratch, e.g. "
-                   "greedy,end-to-end,simclr,byol")
+    p.add_argument("--label-fractions", metavar="FRACTIONS", help=setting_help("study.label_fractions"))
+    p.add_argument("--seeds", type=int, help=setting_help("study.seeds"))
+    p.add_argument("--objectives", metavar="NAMES", help=setting_help("study.objectives"))
     p.set_defaults(handler=cmd_study)
 
     p = sub.add_parser("cache", help="list the decoded data stores in the cache with their sizes, check every image "
                        "of them against its checksum (removing those that fail), or clear them")
-    p.add_argument("action", choices=["list", "verify", "clear"])
+    p.add_argument("action", choices=["list", "verify", "clear"], help="list, verify or clear the stores")
     p.add_argument("--dir", metavar="DIR", help="the cache folder (default: $AEPRETRAIN_CACHE, else "
                    "$XDG_CACHE_HOME/aepretrain or ~/.cache/aepretrain)")
     p.add_argument("--json", action="store_true", help="print JSON (list, verify)")
     p.set_defaults(handler=cmd_cache)
 
     p = sub.add_parser("report", help="rebuild report.md and report.html from a run folder")
-    p.add_argument("dir", metavar="DIR")
+    p.add_argument("dir", metavar="DIR", help="the run folder")
     p.set_defaults(handler=cmd_report)
 
     p = sub.add_parser("download", help="fetch a data set's official files, check their size and md5, unpack them")
@@ -472,6 +535,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "datasets/fashion-mnist in the cache folder, where runs look for it)")
     p.add_argument("--url", help="another base URL (a mirror)")
     p.set_defaults(handler=cmd_download)
+
+    p = sub.add_parser("config", help="the settings: a preset's as a YAML file, or every key with its type, "
+                       "default, allowed values and help")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = actions.add_parser("show", help="print the resolved settings as YAML, a file that --config reads back")
+    _settings(q, "config show")
+    q = actions.add_parser("keys", help="every setting: dotted key, type, default, allowed values and help")
+    _settings(q, "config keys")
+    p.set_defaults(handler=cmd_config)
     return parser
 
 

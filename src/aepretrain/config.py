@@ -3,6 +3,10 @@
 A run's settings are resolved in this order, each layer overriding the one before:
 the defaults below, the preset (``presets/NAME.yaml``), a ``--config FILE`` and ``--set key=value``.
 
+Each dataclass field is the one source of its setting's schema: its type (``Literal[...]`` for choices), default,
+help and range (:func:`setting`). Validation, the command line's help, ``aepretrain config keys`` and the docs'
+settings page all read it through :func:`schema`.
+
 Example:
     >>> cfg = resolve("quick", overrides=["finetune.epochs=3"])
     >>> cfg.finetune.epochs
@@ -11,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import functools
@@ -20,7 +25,8 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import yaml
 
@@ -28,161 +34,228 @@ from .errors import UserError
 from .fileio import atomic_write, first_line
 
 
+Schedule = Literal["constant", "one-cycle", "cosine"]
+Objective = Literal["greedy", "greedy-denoising", "greedy-masked", "end-to-end", "simclr", "byol"]
+Precision = Literal["auto", "32", "bf16-mixed", "16-mixed"]
+Device = Literal["auto", "cpu", "cuda", "gpu", "mps"]
+Init = Literal["pytorch", "keras"]
+Fill = Literal["zeros", "nearest"]
+ZoomAxes = Literal["same", "independent"]
+Engine = Literal["serial", "ray"]
+Logger = Literal["csv", "tensorboard", "mlflow", "wandb"]
+Arm = Literal["pretrained", "scratch"]
+Allocator = Literal["auto", "tcmalloc", "default"]
+# the choices as tuples, for the modules that check or list them
+SCHEDULES, OBJECTIVES, PRECISIONS, DEVICES, LOGGERS = map(typing.get_args, (Schedule, Objective, Precision, Device,
+                                                                             Logger))
+
+
+def setting(default: Any, help: str, range: str | None = None) -> Any:
+    """A dataclass field that carries its own documentation, the one source of the settings' schema (validation,
+    the command line's help, ``aepretrain config keys`` and the docs read it): ``help`` says what the setting is;
+    ``range`` is the interval its number, or each number of its list, must lie in ("[" and "]" include the end,
+    "(" and ")" leave it out). Choices are the field's type, ``Literal[...]``. A list or a section (a class) is made
+    afresh for every instance; ``dataclasses.MISSING``: no default.
+
+    >>> dataclasses.fields(BlockSpec)[1].metadata["range"]
+    '[1, 31]'
+    """
+    metadata = {"help": help, **({"range": range} if range else {})}
+    if isinstance(default, type):
+        return field(default_factory=default, metadata=metadata)
+    if isinstance(default, list):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class BlockSpec:
     """One encoder block: ``len(channels)`` x (Conv kxk + BatchNorm + ReLU), then MaxPool 2."""
 
-    channels: list[int]
-    kernel: int = 3
+    channels: list[int] = setting(dataclasses.MISSING, "output channels of the block's convolutions, one number "
+                                  "per convolution", "[1, 8192]")
+    kernel: int = setting(3, "side of the block's square kernels; odd, so that padding keeps the size", "[1, 31]")
 
 
 @dataclass
 class ModelConfig:
-    blocks: list[BlockSpec] = field(
-        default_factory=lambda: [BlockSpec([64], 7), BlockSpec([128, 128], 3), BlockSpec([256, 256], 3)]
-    )
-    classifier_stride: int = 2  # first convolution; the reference's classifier table implies 2
-    autoencoder_stride: int = 1  # the reference's autoencoder tables imply 1
-    dropout: float = 0.5
-    bn_momentum: float = 0.1  # PyTorch convention; Keras' momentum 0.99 is 0.01 here
-    bn_eps: float = 1e-5
-    init: str = "pytorch"  # pytorch (its defaults) | keras (Glorot-uniform kernels, zero biases, as the reference)
-    in_channels: int = 3  # for `summary` only; a run takes it from the data
-    num_classes: int = 37  # for `summary` only; a run takes it from the data
+    blocks: list[BlockSpec] = setting(
+        [BlockSpec([64], 7), BlockSpec([128, 128], 3), BlockSpec([256, 256], 3)],
+        "the encoder, block by block: each is len(channels) x (Conv kxk + BatchNorm + ReLU), then MaxPool 2")
+    classifier_stride: int = setting(2, "stride of the classifier's first convolution; the reference's classifier "
+                                     "table implies 2", "[1, 8]")
+    autoencoder_stride: int = setting(1, "stride of the autoencoders' first convolution; the reference's autoencoder "
+                                      "tables imply 1", "[1, 8]")
+    dropout: float = setting(0.5, "dropout between the pooled features and the classifier's dense layer", "[0, 1)")
+    bn_momentum: float = setting(0.1, "BatchNorm's momentum in PyTorch's convention: Keras' momentum 0.99 is 0.01 "
+                                 "here", "[0, 1]")
+    bn_eps: float = setting(1e-5, "BatchNorm's epsilon", "(0, 1)")
+    init: Init = setting("pytorch", "initial weights: pytorch (its defaults) or keras (Glorot-uniform kernels, zero "
+                         "biases, as the reference)")
+    in_channels: int = setting(3, "input channels, for `summary` only; a run takes them from the data", "[1, 4]")
+    num_classes: int = setting(37, "classes, for `summary` only; a run takes them from the data", "[2, 100000]")
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "fashion-mnist"
-    root: str | None = None
-    image_size: int = 32
-    val_fraction: float = 0.1  # carved from train, stratified
-    test_fraction: float = 0.2  # only for data sets without an official test split
-    ae_fraction: float = 1 / 3  # autoencoder subset: this share of train + val, stratified
-    train_limit: int | None = None  # cap on train images (stratified), for fast presets
-    test_limit: int | None = None
-    max_pixels: int = 89_478_485  # larger images are refused as possible decompression bombs
-    cache_dir: str | None = None  # default: $XDG_CACHE_HOME/aepretrain
-    synthetic_per_class: int = 40  # images per class and split of the `synthetic` data set
-    synthetic_classes: int = 4
+    dataset: str = setting("fashion-mnist", "the labelled data set: fashion-mnist, oxford-pets, folder (a folder "
+                           "per class) or synthetic")
+    root: str | None = setting(None, "the data set's folder; null: its built-in location, where it has one")
+    image_size: int = setting(32, "side of the square the images are resized to", "[8, 1024]")
+    val_fraction: float = setting(0.1, "share of the train images held out for validation (stratified)", "(0, 1)")
+    test_fraction: float = setting(0.2, "share held out for testing, only for data sets without an official test "
+                                   "split", "(0, 1)")
+    ae_fraction: float = setting(1 / 3, "the autoencoders' subset: this share of train + val, stratified", "(0, 1]")
+    train_limit: int | None = setting(None, "cap on the train images (stratified), for fast presets; null: all",
+                                      "[2, inf)")
+    test_limit: int | None = setting(None, "cap on the test images; null: all", "[1, inf)")
+    max_pixels: int = setting(89_478_485, "larger images are refused as possible decompression bombs", "[1, inf)")
+    cache_dir: str | None = setting(None, "where decoded data is cached; null: $AEPRETRAIN_CACHE, else "
+                                    "$XDG_CACHE_HOME/aepretrain or ~/.cache/aepretrain")
+    synthetic_per_class: int = setting(40, "images per class and split of the `synthetic` data set", "[1, 100000]")
+    synthetic_classes: int = setting(4, "classes of the `synthetic` data set", "[2, 1000]")
 
 
 @dataclass
 class AugmentConfig:
-    rotation: float = 10.0  # degrees, either way
-    zoom: float = 0.1  # scale drawn from [1 - zoom, 1 + zoom]
-    brightness: list[float] = field(default_factory=lambda: [0.7, 1.3])  # multiplicative factor
-    hflip: bool = True
-    fill: str = "zeros"  # what rotation and zoom fill in: zeros | nearest (the edge pixel, as Keras' ImageDataGenerator)
-    zoom_axes: str = "same"  # same: one zoom for both axes | independent: one per axis (as Keras' ImageDataGenerator)
+    rotation: float = setting(10.0, "random rotation, in degrees either way", "[0, 180]")
+    zoom: float = setting(0.1, "random zoom: the scale is drawn from [1 - zoom, 1 + zoom]", "[0, 1)")
+    brightness: list[float] = setting([0.7, 1.3], "random brightness: a multiplicative factor drawn between these "
+                                      "two numbers, low to high", "[0, inf)")
+    hflip: bool = setting(True, "random horizontal flips")
+    fill: Fill = setting("zeros", "what rotation and zoom fill in: zeros, or nearest (the edge pixel, as Keras' "
+                         "ImageDataGenerator)")
+    zoom_axes: ZoomAxes = setting("same", "same: one zoom for both axes; independent: one per axis (as Keras' "
+                                  "ImageDataGenerator)")
 
 
 @dataclass
 class PretrainConfig:
-    epochs: int = 30
-    lr: float = 1e-3
-    adam_eps: float = 1e-8  # PyTorch's default; Keras' is 1e-7
-    batch_size: int = 32
-    schedule: str = "constant"  # constant | one-cycle | cosine
-    objective: str = "greedy"  # greedy | greedy-denoising | greedy-masked | end-to-end | simclr | byol
-    noise_std: float = 0.2  # greedy-denoising: Gaussian noise on the input, clean target
-    mask_patch: int = 0  # greedy-masked: square patch side in pixels; 0: image_size // 8
-    mask_ratio: float = 0.5  # greedy-masked: share of patches masked; the loss counts masked pixels only
-    temperature: float = 0.5  # simclr: NT-Xent's temperature; SimCLR's choice for small batches (0.1 needs large)
-    projection_dim: int = 128  # simclr, byol: output width of the projection head (and of BYOL's predictor)
-    hidden_dim: int = 512  # simclr, byol: hidden width of the projection head (and of BYOL's predictor)
-    momentum: float = 0.99  # byol: the target's moving-average momentum at the first step, rising to 1 (cosine)
-    dataset: str | None = None  # pre-training data of its own (labelled or not); null: the labelled data set
-    root: str | None = None
-    fraction: float = 1.0  # share of pretrain.dataset used (stratified); data.ae_fraction is for the labelled data
-    include_test: bool = False  # let the labelled test images into pre-training (transductive)
+    epochs: int = setting(30, "pre-training epochs (of each stage, where the objective trains stage by stage)",
+                          "[1, 100000]")
+    lr: float = setting(1e-3, "Adam's learning rate (its peak under a schedule)", "(0, 1e37]")
+    adam_eps: float = setting(1e-8, "Adam's epsilon: PyTorch's default; Keras' is 1e-7", "(0, 1]")
+    batch_size: int = setting(32, "images per batch", "[1, 65536]")
+    schedule: Schedule = setting("constant", "the learning rate over the steps: constant, one-cycle or cosine")
+    objective: Objective = setting("greedy", "what pre-training learns from: greedy* train autoencoders layer by "
+                                   "layer, end-to-end one of the whole encoder, simclr and byol compare two views "
+                                   "of each image")
+    noise_std: float = setting(0.2, "greedy-denoising: Gaussian noise on the input, clean target", "[0, inf)")
+    mask_patch: int = setting(0, "greedy-masked: square patch side in pixels; 0: image_size // 8", "[0, 1024]")
+    mask_ratio: float = setting(0.5, "greedy-masked: share of patches masked; the loss counts masked pixels only",
+                                "(0, 1]")
+    temperature: float = setting(0.5, "simclr: NT-Xent's temperature; SimCLR's choice for small batches (0.1 "
+                                 "needs large)", "(0, 100]")
+    projection_dim: int = setting(128, "simclr, byol: output width of the projection head (and of BYOL's "
+                                  "predictor)", "[1, 65536]")
+    hidden_dim: int = setting(512, "simclr, byol: hidden width of the projection head (and of BYOL's predictor)",
+                              "[1, 65536]")
+    momentum: float = setting(0.99, "byol: the target's moving-average momentum at the first step, rising to 1 "
+                              "(cosine)", "[0, 1]")
+    dataset: str | None = setting(None, "pre-training data of its own (labelled or not), a data set like "
+                                  "data.dataset; null: the labelled data set")
+    root: str | None = setting(None, "pretrain.dataset's folder")
+    fraction: float = setting(1.0, "share of pretrain.dataset used (stratified); data.ae_fraction is for the "
+                              "labelled data", "(0, 1]")
+    include_test: bool = setting(False, "let the labelled test images into pre-training (transductive)")
 
 
 @dataclass
 class ProbeConfig:
-    enabled: bool = True  # linear and kNN probes of the frozen features at every depth
-    train_limit: int | None = None  # cap on the labelled train images the probes fit (stratified)
+    enabled: bool = setting(True, "linear and kNN probes of the frozen features at every depth")
+    train_limit: int | None = setting(None, "cap on the labelled train images the probes fit (stratified); null: "
+                                      "all", "[2, inf)")
 
 
 @dataclass
 class FinetuneConfig:
-    epochs: int = 100
-    lr: float = 1e-3
-    adam_eps: float = 1e-8  # PyTorch's default; Keras' is 1e-7
-    batch_size: int = 32
-    schedule: str = "constant"  # constant | one-cycle | cosine
-    weight_decay: float = 0.0
-    early_stopping_patience: int | None = 10  # epochs without a better val accuracy; null: off
-    target_accuracy: float | None = None  # for epochs_to_target; null: target_fraction x scratch best
-    target_fraction: float = 0.95
-    arms: list[str] = field(default_factory=lambda: ["pretrained", "scratch"])
+    epochs: int = setting(100, "fine-tuning epochs of each arm", "[1, 100000]")
+    lr: float = setting(1e-3, "Adam's learning rate (its peak under a schedule)", "(0, 1e37]")
+    adam_eps: float = setting(1e-8, "Adam's epsilon: PyTorch's default; Keras' is 1e-7", "(0, 1]")
+    batch_size: int = setting(32, "images per batch", "[1, 65536]")
+    schedule: Schedule = setting("constant", "the learning rate over the steps: constant, one-cycle or cosine")
+    weight_decay: float = setting(0.0, "Adam's weight decay (L2 penalty)", "[0, inf)")
+    early_stopping_patience: int | None = setting(10, "epochs without a better val accuracy before an arm stops; "
+                                                  "null: off", "[0, 100000]")
+    target_accuracy: float | None = setting(None, "the val accuracy epochs_to_target counts to; null: "
+                                            "target_fraction x the scratch arm's best", "[0, 1]")
+    target_fraction: float = setting(0.95, "the target as a share of the scratch arm's best val accuracy, where "
+                                     "target_accuracy is null", "(0, 1]")
+    arms: list[Arm] = setting(["pretrained", "scratch"], "the arms a run fine-tunes: pretrained (from the "
+                              "pre-trained encoder) and scratch (from initial weights)")
 
 
 @dataclass
 class TrainerConfig:
-    precision: str = "auto"  # auto | 32 | bf16-mixed | 16-mixed
-    device: str = "auto"  # auto | cpu | cuda | mps
-    devices: str = "1"  # Lightning devices: a count, a list like "0,1", or "auto"
-    num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | ddp_spawn | ...
-    sync_batchnorm: bool = False
-    gradient_clip_val: float | None = None
-    channels_last: bool = True
-    num_workers: int = 0  # data is decoded in memory; workers rarely pay off
-    allocator: str = "auto"  # auto (tcmalloc from 128 px up, where it was measured to pay) | tcmalloc | default
-    progress: bool = True
-    smoke: bool = False  # a few batches, one epoch: proves a preset runs end to end
-    loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])  # where each fit's metrics go, of LOGGERS
-    experiment: str | None = None  # the MLflow experiment and W&B project; null: the run (or study) folder's name
+    precision: Precision = setting("auto", "numeric precision: auto is bf16 autocast where the CPU or GPU computes "
+                                   "it natively, else 32")
+    device: Device = setting("auto", "Lightning's accelerator: auto takes a GPU where there is one, else the CPU; "
+                             "gpu is Lightning's name for cuda or mps")
+    devices: str = setting("1", "Lightning devices: a count, a list of indices like 0,1, -1 (all) or auto")
+    num_nodes: int = setting(1, "nodes for multi-node training (torchrun, SLURM)", "[1, 100000]")
+    strategy: str = setting("auto", "Lightning strategy: auto, ddp, ddp_spawn, ...")
+    sync_batchnorm: bool = setting(False, "BatchNorm statistics over all devices (DDP), not each device's own")
+    gradient_clip_val: float | None = setting(None, "clip the gradients' norm to this; null: no clipping",
+                                              "(0, inf)")
+    channels_last: bool = setting(True, "the channels-last memory format, which most hardware convolves faster")
+    num_workers: int = setting(0, "data loader worker processes; data is decoded in memory, so workers rarely "
+                               "pay off", "[0, 1024]")
+    allocator: Allocator = setting("auto", "auto (tcmalloc from 128 px up, where it was measured to pay), tcmalloc "
+                                   "or default")
+    progress: bool = setting(True, "progress bars on a terminal, one line per epoch elsewhere; false (--quiet): "
+                             "neither")
+    smoke: bool = setting(False, "a few batches, one epoch: proves a preset runs end to end")
+    loggers: list[Logger] = setting(["csv", "tensorboard"], "where each fit's metrics go: csv and tensorboard "
+                                    "write files in logs/, mlflow and wandb are trackers (W&B offline)")
+    experiment: str | None = setting(None, "the MLflow experiment and W&B project; null: the run (or study) "
+                                     "folder's name")
 
 
 @dataclass
 class PredictConfig:
-    top_k: int = 3
-    images: int = 4  # test images that `run` predicts and shows in the report
+    top_k: int = setting(3, "classes shown for each predicted image", "[1, 1000]")
+    images: int = setting(4, "test images that `run` predicts and shows in the report", "[1, 1000]")
 
 
 @dataclass
 class StudyConfig:
-    label_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
-    seeds: int = 5  # a verdict needs at least 2 (a paired t interval); 5 give it 4 degrees of freedom
-    objectives: list[str] = field(default_factory=lambda: ["greedy"])
-    epochs: int = 10  # fine-tuning epochs per cell (early stopping is off in a study), at least ...
-    min_steps: int = 200  # ... enough epochs for this many optimizer steps, so small fractions train too
-    val_limit: int | None = 1000  # validation images (stratified) used for model selection in every cell
-    engine: str = "serial"  # serial: every task in this process; ray: tasks on a Ray cluster
-    address: str | None = None  # ray: a running cluster ("auto", HOST:PORT); none starts one on this machine
-    task_cpus: float = 1.0  # ray: CPUs per task (its threads)
-    task_gpus: float = 0.0  # ray: GPUs per task (a share of one, e.g. 0.25, puts four tasks on a GPU)
+    label_fractions: list[float] = setting([0.01, 0.1, 1.0], "shares of the labelled train images a study's cells "
+                                           "fine-tune on", "(0, 1]")
+    seeds: int = setting(5, "seeds per cell, from `seed` on; a verdict needs at least 2 (a paired t interval), 5 "
+                         "give it 4 degrees of freedom", "[1, 1000]")
+    objectives: list[Objective] = setting(["greedy"], "pre-training objectives each compared with scratch")
+    epochs: int = setting(10, "fine-tuning epochs per cell (early stopping is off in a study), at least enough for "
+                          "study.min_steps", "[1, 100000]")
+    min_steps: int = setting(200, "optimizer steps a cell trains at least, so that small fractions train too",
+                             "[0, 100000000]")
+    val_limit: int | None = setting(1000, "validation images (stratified) used for model selection in every cell; "
+                                    "null: all", "[2, inf)")
+    engine: Engine = setting("serial", "serial: every task in this process; ray: tasks on a Ray cluster")
+    address: str | None = setting(None, "ray: a running cluster (auto, HOST:PORT); null starts one on this machine")
+    task_cpus: float = setting(1.0, "ray: CPUs per task (its threads)", "(0, 1024]")
+    task_gpus: float = setting(0.0, "ray: GPUs per task (a share of one, e.g. 0.25, puts four tasks on a GPU)",
+                               "[0, 64]")
 
 
 @dataclass
 class Config:
-    preset: str = "quick"
-    seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    predict: PredictConfig = field(default_factory=PredictConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-    study: StudyConfig = field(default_factory=StudyConfig)
+    preset: str = setting("quick", "the named settings these start from (presets/NAME.yaml); set by --preset, not "
+                          "by a file")
+    seed: int = setting(0, "fixes splits, initialisation, augmentation and data order", "[0, 2147483647]")
+    model: ModelConfig = setting(ModelConfig, "the network: encoder blocks, strides, dropout, BatchNorm, "
+                                 "initial weights")
+    data: DataConfig = setting(DataConfig, "the labelled data set, its splits and limits")
+    augment: AugmentConfig = setting(AugmentConfig, "random changes to the training images")
+    pretrain: PretrainConfig = setting(PretrainConfig, "pre-training the encoder: objective, optimizer, data")
+    finetune: FinetuneConfig = setting(FinetuneConfig, "fine-tuning the classifier, from the pre-trained encoder "
+                                       "and from scratch")
+    trainer: TrainerConfig = setting(TrainerConfig, "where and how fits run: device, precision, loggers")
+    predict: PredictConfig = setting(PredictConfig, "the predictions a run shows in its report")
+    probe: ProbeConfig = setting(ProbeConfig, "linear and kNN probes of the frozen features")
+    study: StudyConfig = setting(StudyConfig, "the label-efficiency study: fractions, seeds, objectives, engine")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-SCHEDULES = ("constant", "one-cycle", "cosine")
-OBJECTIVES = ("greedy", "greedy-denoising", "greedy-masked", "end-to-end", "simclr", "byol")
-PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed")
-DEVICES = ("auto", "cpu", "cuda", "gpu", "mps")
-INITS = ("pytorch", "keras")
-FILLS = ("zeros", "nearest")
-ZOOM_AXES = ("same", "independent")
-ENGINES = ("serial", "ray")
-LOGGERS = ("csv", "tensorboard", "mlflow", "wandb")  # csv, tensorboard: files in logs/; mlflow, wandb: trackers
 
 
 def preset_names() -> list[str]:
@@ -257,13 +330,20 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _plain(kind: Any) -> Any:
+    """A type hint without its ``| None``."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(kind) if a is not type(None))
+    return kind
+
+
 def _coerce(value: Any, kind: Any, key: str, where: str) -> Any:
     """Check a YAML value against the field's type hint and convert what is safe to convert."""
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(kind) if a is not type(None)]
-        if value is None and len(options) < len(typing.get_args(kind)):
-            return None
-        kind = options[0]
+    if value is None and type(None) in typing.get_args(kind):
+        return None
+    kind = _plain(kind)
+    if typing.get_origin(kind) is Literal:  # its choices are checked with the ranges, once every layer is in
+        kind = str
     if value is None:
         raise UserError(f"{where}: {key} cannot be null")
     if typing.get_origin(kind) is list:
@@ -330,43 +410,116 @@ def _dotted_to_nested(assignment: str) -> dict[str, Any]:
     return _nest(key.strip(), value)
 
 
-# The allowed range of every number a run reads: "[" and "]" include the end, "(" and ")" leave it out.
-# None is allowed where the setting's type allows it (a limit that is off, a default taken elsewhere). A learning
-# rate above 1e37 overflows float32 in Adam's first step (lr / 0.1).
-RANGES = {
-    "seed": "[0, 2147483647]",
-    "model.classifier_stride": "[1, 8]", "model.autoencoder_stride": "[1, 8]", "model.dropout": "[0, 1)",
-    "model.bn_momentum": "[0, 1]", "model.bn_eps": "(0, 1)", "model.in_channels": "[1, 4]",
-    "model.num_classes": "[2, 100000]",
-    "data.image_size": "[8, 1024]", "data.val_fraction": "(0, 1)", "data.test_fraction": "(0, 1)",
-    "data.ae_fraction": "(0, 1]", "data.train_limit": "[2, inf)", "data.test_limit": "[1, inf)",
-    "data.max_pixels": "[1, inf)", "data.synthetic_per_class": "[1, 100000]", "data.synthetic_classes": "[2, 1000]",
-    "augment.rotation": "[0, 180]", "augment.zoom": "[0, 1)",
-    "pretrain.epochs": "[1, 100000]", "pretrain.lr": "(0, 1e37]", "pretrain.adam_eps": "(0, 1]",
-    "pretrain.fraction": "(0, 1]", "pretrain.batch_size": "[1, 65536]",
-    "pretrain.noise_std": "[0, inf)", "pretrain.mask_patch": "[0, 1024]", "pretrain.mask_ratio": "(0, 1]",
-    "pretrain.temperature": "(0, 100]", "pretrain.projection_dim": "[1, 65536]", "pretrain.hidden_dim": "[1, 65536]",
-    "pretrain.momentum": "[0, 1]",
-    "probe.train_limit": "[2, inf)",
-    "finetune.epochs": "[1, 100000]", "finetune.lr": "(0, 1e37]", "finetune.adam_eps": "(0, 1]",
-    "finetune.batch_size": "[1, 65536]",
-    "finetune.weight_decay": "[0, inf)", "finetune.early_stopping_patience": "[0, 100000]",
-    "finetune.target_accuracy": "[0, 1]", "finetune.target_fraction": "(0, 1]",
-    "trainer.num_nodes": "[1, 100000]", "trainer.gradient_clip_val": "(0, inf)", "trainer.num_workers": "[0, 1024]",
-    "predict.top_k": "[1, 1000]", "predict.images": "[1, 1000]",
-    "study.seeds": "[1, 1000]", "study.epochs": "[1, 100000]", "study.min_steps": "[0, 100000000]",
-    "study.val_limit": "[2, inf)", "study.task_cpus": "(0, 1024]", "study.task_gpus": "[0, 64]",
-    # items of lists
-    "model.blocks[].channels[]": "[1, 8192]", "model.blocks[].kernel": "[1, 31]",
-    "augment.brightness[]": "[0, inf)", "study.label_fractions[]": "(0, 1]",
-}
-CHOICES = {
-    "pretrain.schedule": SCHEDULES, "finetune.schedule": SCHEDULES, "pretrain.objective": OBJECTIVES,
-    "study.objectives[]": OBJECTIVES, "study.engine": ENGINES, "finetune.arms[]": ("pretrained", "scratch"),
-    "trainer.device": DEVICES, "trainer.loggers[]": LOGGERS,
-    "trainer.precision": PRECISIONS, "trainer.allocator": ("auto", "tcmalloc", "default"),
-    "model.init": INITS, "augment.fill": FILLS, "augment.zoom_axes": ZOOM_AXES,
-}
+class Setting(NamedTuple):
+    """One setting as the schema gives it: read from its dataclass field (type, ``setting``'s metadata, default)."""
+
+    key: str  # dotted; the fields of a list of blocks as model.blocks[].kernel
+    kind: Any  # the type hint
+    help: str
+    range: str | None  # where the setting is a list: of each item
+    choices: tuple[str, ...]  # the Literal's; where the setting is a list: of each item
+    default: Any  # the dataclass's; dataclasses.MISSING where it has none
+
+    @property
+    def rule(self) -> str:
+        """The key ``_flat`` gives the values that ``range`` and ``choices`` apply to: ``study.objectives[]``."""
+        return self.key + "[]" * (typing.get_origin(_plain(self.kind)) is list)
+
+
+def schema(cls: type = Config, prefix: str = "") -> list[Setting]:
+    """Every setting under ``cls``, in the dataclasses' order; a section's settings stand in for it, and the fields of
+    a list of blocks follow the list.
+
+    >>> [s.key for s in schema()][:4]
+    ['preset', 'seed', 'model.blocks', 'model.blocks[].channels']
+    >>> next(s for s in schema() if s.key == "study.objectives").choices
+    ('greedy', 'greedy-denoising', 'greedy-masked', 'end-to-end', 'simclr', 'byol')
+    """
+    rows = []
+    for f in dataclasses.fields(cls):
+        kind, key = _hints(cls)[f.name], prefix + f.name
+        if dataclasses.is_dataclass(kind):
+            rows += schema(kind, f"{key}.")
+            continue
+        plain = _plain(kind)
+        item = typing.get_args(plain)[0] if typing.get_origin(plain) is list else plain
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        choices = typing.get_args(item) if typing.get_origin(item) is Literal else ()
+        rows.append(Setting(key, kind, f.metadata.get("help", ""), f.metadata.get("range"), choices, default))
+        if item is BlockSpec:
+            rows += schema(BlockSpec, f"{key}[].")
+    return rows
+
+
+@functools.cache
+def _rules() -> dict[str, Setting]:
+    """The settings that have a range or choices, by the key ``_flat`` gives their values."""
+    return {s.rule: s for s in schema() if s.range or s.choices}
+
+
+def choices_of(s: Setting) -> tuple[str, ...]:
+    """What a setting may be, where it is one of a few: its Literal's values; a preset's are the preset files."""
+    return tuple(preset_names()) if s.key == "preset" else s.choices
+
+
+def flow(value: Any) -> str:
+    """A setting's value as YAML on one line.
+
+    >>> flow([BlockSpec([16], 5)]), flow("32"), flow(None), flow(1e-5)
+    ('[{channels: [16], kernel: 5}]', "'32'", 'null', '1.0e-05')
+    """
+    if isinstance(value, list):
+        value = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
+def allowed_text(s: Setting, quote: Callable[[str], str] = str) -> str:
+    """What a setting may be, in words: its range or choices (of each item, for a list), else what its type takes;
+    ``quote`` marks up each value.
+
+    >>> allowed_text(next(s for s in schema() if s.key == "finetune.early_stopping_patience"))
+    '[0, 100000], or null'
+    """
+    choices = choices_of(s)
+    text = quote(s.range) if s.range else "one of " + ", ".join(map(quote, choices)) if choices else ""
+    text = f"each item {text}" if text and s.rule != s.key else text or \
+        {"str": "text", "bool": f"{quote('true')} or {quote('false')}"}.get(type_name(_plain(s.kind)), "")
+    return f"{text}, or {quote('null')}" if type(None) in typing.get_args(s.kind) else text
+
+
+def keys_table(preset: str = "quick") -> str:
+    """Every setting, one a line: dotted key, type, its value in ``preset`` (a block's fields: their default),
+    what it may be and what it is.
+
+    >>> print(keys_table().splitlines()[4])  # doctest: +ELLIPSIS
+    seed ... int ... 0 ... [0, 2147483647] ... fixes splits, initialisation, augmentation and data order
+    """
+    cfg = resolve(preset)
+    rows = [("key", "type", f"{preset}", "allowed", "help")]
+    for s in schema():
+        value = s.default if "[]" in s.key else functools.reduce(getattr, s.key.split("."), cfg)
+        shown = "-" if value is dataclasses.MISSING else flow(value)
+        rows.append((s.key, type_name(s.kind), shown, allowed_text(s), s.help))
+    widths = [min(max(len(row[i]) for row in rows), limit) for i, limit in enumerate((40, 16, 20, 40))]
+    head = (f"# every setting, with its value in the {preset} preset (--preset NAME: another's); ranges: [ and ] "
+            "include the end, ( and ) leave it out\n# --set KEY=VALUE or a --config file sets them\n")
+    return head + "".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] + "\n"
+                          for row in rows)
+
+
+def type_name(kind: Any) -> str:
+    """A type hint as the settings' docs show it: a Literal by its values' type.
+
+    >>> type_name(_hints(StudyConfig)["objectives"]), type_name(_hints(DataConfig)["train_limit"])
+    ('list[str]', 'int | None')
+    """
+    if typing.get_origin(kind) is Literal:
+        return type(typing.get_args(kind)[0]).__name__
+    if typing.get_origin(kind) is list:
+        return f"list[{type_name(typing.get_args(kind)[0])}]"
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return " | ".join(map(type_name, typing.get_args(kind)))
+    return "None" if kind is type(None) else kind.__name__
 
 
 def check_range(key: str, value: Any, interval: str) -> None:
@@ -400,7 +553,7 @@ def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
 
 def check_image_size(key: str, size: int, model: ModelConfig) -> None:
     """In range, and halved whole by every block and the first stride."""
-    check_range(key, size, RANGES["data.image_size"])
+    check_range(key, size, _rules()["data.image_size"].range)
     factor = 2 ** len(model.blocks) * max(model.autoencoder_stride, model.classifier_stride)
     if size % factor:
         raise UserError(f"{key} {size} must be a multiple of {factor} (one halving per block and the first "
@@ -408,8 +561,8 @@ def check_image_size(key: str, size: int, model: ModelConfig) -> None:
 
 
 def _flat(value: Any, key: str = "") -> list[tuple[str, str, Any]]:
-    """(key, its rule's key in RANGES or CHOICES, value) for every setting and list item: ``model.blocks[1].kernel``
-    follows the rule ``model.blocks[].kernel``."""
+    """(key, its rule's key, value) for every setting and list item: ``model.blocks[1].kernel`` follows the rule
+    ``model.blocks[].kernel``."""
     if dataclasses.is_dataclass(value):
         return [row for f in dataclasses.fields(value)
                 for row in _flat(getattr(value, f.name), f"{key}.{f.name}" if key else f.name)]
@@ -421,11 +574,14 @@ def _flat(value: Any, key: str = "") -> list[tuple[str, str, Any]]:
 
 def _validate(cfg: Config) -> None:
     """Every setting against its range or choices, then what a range cannot say; before any work starts."""
+    rules = _rules()
     for key, rule, value in _flat(cfg):
-        if rule in RANGES and value is not None:
-            check_range(key, value, RANGES[rule])
-        elif rule in CHOICES:
-            check_choice(key, value, CHOICES[rule])
+        if rule not in rules:
+            continue
+        if rules[rule].range and value is not None:
+            check_range(key, value, rules[rule].range)
+        elif rules[rule].choices:
+            check_choice(key, value, rules[rule].choices)
     for key, value in (("model.blocks", cfg.model.blocks), ("finetune.arms", cfg.finetune.arms),
                        ("study.label_fractions", cfg.study.label_fractions),
                        ("study.objectives", cfg.study.objectives)):
@@ -553,9 +709,14 @@ def differences(a: Config, b: Config, ignore: set[str] = frozenset()) -> list[tu
     return [(k, fa[k], fb.get(k)) for k in fa if k not in ignore and fa[k] != fb.get(k)]
 
 
+def dump(cfg: Config) -> str:
+    """Every setting as YAML, in the dataclasses' order: a file that ``--config`` reads back to ``cfg``."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save(cfg: Config, path: Path) -> None:
     """Written whole or not at all (a temporary file, then a rename): config.yaml marks a run folder."""
-    atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write(path, dump(cfg))
 
 
 def load(path: Path) -> Config:
