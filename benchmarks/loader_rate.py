@@ -14,6 +14,9 @@ Oxford-IIIT Pet sample by default, or ``--dataset synthetic``), at each batch si
 then ``cpu_augment_total`` (one core doing gather + to_float + augment per batch, as if augmentation ran on the
 CPU) and ``device_augment_total`` (gather + transfer: the project's design, where to_float and the augmentation
 run on the GPU). The rates are of one process; ``trainer.num_workers`` worker processes multiply the gather.
+The CLI runs under tcmalloc at 128 px and more (README, "Speed"): run this the same way to see what a run gets,
+``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4``; the C library's malloc returns each batch's
+memory to the system and faults it in again, which slows the gather several times.
 
     python benchmarks/loader_rate.py                     # the pets sample at 224 px, batches 32 and 128
     python benchmarks/loader_rate.py --dataset synthetic --json
@@ -123,6 +126,7 @@ def main() -> None:
     augment = augmenter(cfg.augment)
     report: dict[str, Any] = {
         "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "allocator": "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "the C library's malloc",
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "data": f"{bundle.dataset} train split, {len(data)} images at {args.size} px", "rows": []}
     for batch in (int(b) for b in args.batches.split(",")):
@@ -133,7 +137,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=1))
         return
-    print(f"cpu: {report['cpu']}; {report['threads']} threads; torch {report['torch']}; gpu: {report['gpu']}")
+    print(f"cpu: {report['cpu']}; {report['threads']} threads; torch {report['torch']}; {report['allocator']}; "
+          f"gpu: {report['gpu']}")
     print(f"data: {report['data']}; images per second, one process:")
     keys = [k for k in report["rows"][0] if k != "batch"]
     print(f"{'batch':>6} " + " ".join(f"{k:>20}" for k in keys))

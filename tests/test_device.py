@@ -48,7 +48,7 @@ def test_a_gpu_device_without_a_gpu_is_refused_in_one_line(device: str, small_ru
     args = ["evaluate", "--checkpoint", str(checkpoint), "--dataset", "synthetic", "--image-size", "32",
             "--set", "data.synthetic_per_class=16", "--set", f"trainer.device={device}"]
     assert main(args) == 2
-    one_line_error(capsys, f"trainer.device is {device}, but this machine has no CUDA GPU: use --device cpu")
+    one_line_error(capsys, f"trainer.device is {device}, but this machine has no CUDA GPU: choose device auto or cpu")
 
 
 def test_scores_probes_predictions_and_reconstructions_on_the_cpu_device_equal_the_models_own(small_run: Path

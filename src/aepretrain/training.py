@@ -209,7 +209,7 @@ def fit_device(t: TrainerConfig) -> torch.device:
     available = {"cuda": CUDAAccelerator, "mps": MPSAccelerator}.get(kind, CUDAAccelerator).is_available()
     if not available:
         raise UserError(f"trainer.device is {t.device}, but this machine has no {'CUDA' if kind != 'mps' else 'MPS'} "
-                        "GPU: use --device cpu (or auto)")
+                        "GPU: choose device auto or cpu")
     if kind == "mps":
         return torch.device("mps")
     requested: Any = t.devices if not t.devices.isdigit() else int(t.devices)
