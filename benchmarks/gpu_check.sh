@@ -43,12 +43,12 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit (stdout to $work
 }
 
 aep=("$python" -m aepretrain)
-step bench 120 "${aep[@]}" bench --preset seed --seconds 3 --json
+step bench 100 "${aep[@]}" bench --preset seed --seconds 3 --json
 step smoke 90 "${aep[@]}" run --preset seed --smoke --dataset synthetic --quiet --out "$work/smoke"
 step oxford_sized 300 "${aep[@]}" run --preset seed --dataset synthetic --quiet --out "$work/oxford" \
     --set data.synthetic_classes=37 --set "data.synthetic_per_class=${PER_CLASS:-100}" \
     --set "pretrain.epochs=${EPOCHS_PRETRAIN:-3}" --set "finetune.epochs=${EPOCHS_FINETUNE:-10}"
-step evaluate_devices 60 "$python" - "$work/oxford" <<'EOF'
+step evaluate_devices 90 "$python" - "$work/oxford" <<'EOF'
 # The pre-trained arm's classifier tested on the GPU (as the run did) and on the CPU: the same accuracy but for
 # the last digits of TF32 convolutions, and the seconds each took.
 import json, sys, time
