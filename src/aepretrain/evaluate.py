@@ -30,25 +30,34 @@ from .transforms import pixels
 
 @torch.no_grad()
 def over_batches(model: nn.Module, images: np.ndarray | torch.Tensor | Images,
-                 fn: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 256) -> torch.Tensor:
-    """``fn`` of uint8 NHWC images scaled to [0, 1], batch by batch on the model's device, in eval mode. Images
-    of a store are gathered a batch at a time."""
-    device = next(model.parameters()).device
+                 fn: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 256,
+                 device: torch.device | None = None) -> torch.Tensor:
+    """``fn`` of uint8 NHWC images scaled to [0, 1], batch by batch in eval mode on ``device`` (the model's own
+    where None), the result on the CPU. The model goes back to where it was, in the mode it was in. Images of a
+    store are gathered a batch at a time; to a CUDA device they go from pinned memory, without waiting."""
+    home = next(model.parameters()).device
+    device = home if device is None else device
     was_training = model.training
-    model.eval()
+    model.to(device).eval()
     out = []
     for start in range(0, len(images), batch_size):
-        out.append(fn(pixels(torch.as_tensor(images[start:start + batch_size]).to(device))).float().cpu())
-    model.train(was_training)
+        batch = torch.as_tensor(images[start:start + batch_size])
+        if device.type == "cuda":
+            batch = batch.pin_memory()
+        out.append(fn(pixels(batch.to(device, non_blocking=True))).float().cpu())
+    model.to(home).train(was_training)
     return torch.cat(out)
 
 
-def logits_of(classifier: Classifier, images: np.ndarray | torch.Tensor | Images) -> torch.Tensor:
-    return over_batches(classifier, images, classifier)
+def logits_of(classifier: Classifier, images: np.ndarray | torch.Tensor | Images,
+              device: torch.device | None = None) -> torch.Tensor:
+    return over_batches(classifier, images, classifier, device=device)
 
 
-def evaluate(classifier: Classifier, test: Labelled, classes: list[str]) -> dict[str, Any]:
-    logits = logits_of(classifier, test.images)
+def evaluate(classifier: Classifier, test: Labelled, classes: list[str], device: torch.device | None = None
+             ) -> dict[str, Any]:
+    """Scores of ``classifier`` on ``test``, computed on ``device`` (the classifier's own where None)."""
+    logits = logits_of(classifier, test.images, device)
     labels = torch.from_numpy(test.labels)
     confusion = MulticlassConfusionMatrix(num_classes=len(classes))(logits.argmax(1), labels)
     support = confusion.sum(1).clamp(min=1)

@@ -41,7 +41,7 @@ from .pretrain import PretrainResult, pretrain, reconstruct, stage_path
 from .probe import probes
 from .runfolder import run_folder, save_settings, saved_settings
 from .trackers import check as check_trackers
-from .training import resolved_precision, set_threads
+from .training import fit_device, resolved_precision, set_threads
 from .transforms import pixels
 
 
@@ -130,7 +130,7 @@ def _pretrain(cfg: Config, bundle: DataBundle, out: Path, metrics: dict[str, Any
                            "stages": [stage.as_json() for stage in pre.stages], "test_mse": pre.test_mse}
     if cfg.probe.enabled:
         header("[probes] linear and kNN probes of the encoder's features at every depth, and of a random encoder's")
-        metrics["probes"] = probes(bundle, pre.encoder, cfg.probe.train_limit, cfg.seed)
+        metrics["probes"] = probes(bundle, pre.encoder, cfg.probe.train_limit, cfg.seed, fit_device(cfg.trainer))
         header("[probes] linear test accuracy by depth: " + ", ".join(
             f"{encoder} " + " ".join(f"{r['linear_test']:.3f}" for r in metrics["probes"] if r["encoder"] == encoder)
             for encoder in ("pretrained", "random")))
@@ -138,7 +138,7 @@ def _pretrain(cfg: Config, bundle: DataBundle, out: Path, metrics: dict[str, Any
     if pre.autoencoders:  # an objective that reconstructs; a contrastive one has no images to show
         shown = bundle.test.take(np.arange(min(6, len(bundle.test))))
         originals = pixels(np.asarray(shown.images))
-        recon = reconstruct(pre.autoencoders, originals)
+        recon = reconstruct(pre.autoencoders, originals, fit_device(cfg.trainer))
         if is_global_zero():
             figures.reconstructions(_nhwc(originals), [_nhwc(r) for r in recon], out / "figures" / "reconstructions.png")
     return pre
@@ -147,7 +147,7 @@ def _pretrain(cfg: Config, bundle: DataBundle, out: Path, metrics: dict[str, Any
 def _finetune(cfg: Config, bundle: DataBundle, out: Path, metrics: dict[str, Any], init: str,
               encoder: Encoder | None, resume: bool) -> ArmResult:
     arm = finetune(cfg, bundle, out, init, encoder, resume)
-    scores = evaluate(arm.classifier, bundle.test, bundle.classes)
+    scores = evaluate(arm.classifier, bundle.test, bundle.classes, fit_device(cfg.trainer))
     record = arm.record
     metrics.setdefault("finetune", {})[init] = {
         "test_loss": scores["test_loss"], "test_accuracy": scores["test_accuracy"], **record.summary,
@@ -189,9 +189,10 @@ def run_evaluate(cfg: Config, checkpoint: str | Path, out: Path | None) -> dict[
     """Test a classifier checkpoint on the test split of the configured data."""
     if out is not None:
         check_folder(out)  # before the work, not after it
+    device = fit_device(cfg.trainer)
     classifier, meta = load_classifier(checkpoint)
     bundle = evaluation_data(cfg, meta, checkpoint)
-    scores = evaluate(classifier, bundle.test, bundle.classes)
+    scores = evaluate(classifier, bundle.test, bundle.classes, device)
     if out is not None:
         scores["figure"] = str(figures.confusion(scores["confusion"], bundle.classes, Path(checkpoint).stem,
                                                  out / f"confusion-{Path(checkpoint).stem}.png"))
@@ -243,7 +244,7 @@ def _run(cfg: Config, out: Path, bundle: DataBundle, metrics: dict[str, Any], re
 
     shown = bundle.test.take(np.arange(min(cfg.predict.images, len(bundle.test))))
     arm = arms.get("pretrained") or next(iter(arms.values()))
-    rows = top_k(arm.classifier, bundle.classes, shown.images, cfg.predict.top_k)
+    rows = top_k(arm.classifier, bundle.classes, shown.images, cfg.predict.top_k, fit_device(cfg.trainer))
     metrics["predictions"] = [{"image": name, "true": bundle.classes[label], "arm": arm.init, "top": top}
                               for name, label, top in zip(shown.names, shown.labels, rows)]
     write_json(out / "metrics.json", metrics)

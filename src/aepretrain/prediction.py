@@ -36,9 +36,9 @@ def prepare_image(path: str | Path, size: int, channels: int, max_pixels: int = 
     return match_channels(load_for_prediction(path, size, max_pixels)[None], channels)[0]
 
 
-def top_k(classifier: Classifier, classes: list[str], images: np.ndarray | Images, k: int
-          ) -> list[list[dict[str, Any]]]:
-    probabilities = torch.softmax(logits_of(classifier, images).double(), dim=1)
+def top_k(classifier: Classifier, classes: list[str], images: np.ndarray | Images, k: int,
+          device: torch.device | None = None) -> list[list[dict[str, Any]]]:
+    probabilities = torch.softmax(logits_of(classifier, images, device).double(), dim=1)
     values, indices = probabilities.topk(min(k, len(classes)), dim=1)
     return [[{"class": classes[i], "probability": float(p)} for p, i in zip(row_p, row_i)]
             for row_p, row_i in zip(values.tolist(), indices.tolist())]

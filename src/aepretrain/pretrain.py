@@ -134,12 +134,16 @@ def pretrain(cfg: Config, bundle: DataBundle, out: Path, resume: bool = False,
 
 
 @torch.no_grad()
-def reconstruct(autoencoders: list[Autoencoder], images: torch.Tensor) -> list[torch.Tensor]:
-    """Each stage's reconstruction of ``images`` (float in [0, 1], NCHW), clipped to [0, 1]."""
+def reconstruct(autoencoders: list[Autoencoder], images: torch.Tensor, device: torch.device | None = None
+                ) -> list[torch.Tensor]:
+    """Each stage's reconstruction of ``images`` (float in [0, 1], NCHW), clipped to [0, 1], computed on ``device``
+    (where the images are, if None) and returned on the CPU; each autoencoder goes back where it was."""
+    device = images.device if device is None else device
+    images = images.to(device)
     outputs = []
     for autoencoder in autoencoders:
-        was_training = autoencoder.training
-        autoencoder.eval()
-        outputs.append(autoencoder(images).float().clamp(0, 1))
-        autoencoder.train(was_training)
+        home, was_training = next(autoencoder.parameters()).device, autoencoder.training
+        autoencoder.to(device).eval()
+        outputs.append(autoencoder(images).float().clamp(0, 1).cpu())
+        autoencoder.to(home).train(was_training)
     return outputs

@@ -35,14 +35,15 @@ from .seeds import derive_seed
 KNN_K = 10
 
 
-def features(encoder: Encoder, images: torch.Tensor | Images) -> list[torch.Tensor]:
-    """GAP features of uint8 NHWC images after every block, from one forward pass, in eval mode (BatchNorm
-    statistics fixed): depth k reuses the pass through blocks 1..k-1 instead of recomputing it."""
+def features(encoder: Encoder, images: torch.Tensor | Images, device: torch.device | None = None
+             ) -> list[torch.Tensor]:
+    """GAP features of uint8 NHWC images after every block, from one forward pass on ``device``, in eval mode
+    (BatchNorm statistics fixed): depth k reuses the pass through blocks 1..k-1 instead of recomputing it."""
     def every_depth(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([global_avg_pool(feature_map) for feature_map in encoder.forward_features(x)], 1)
 
     widths = [block.channels[-1] for block in encoder.spec.blocks]
-    return list(over_batches(encoder, images, every_depth, batch_size=512).split(widths, 1))
+    return list(over_batches(encoder, images, every_depth, 512, device).split(widths, 1))
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, evals: list[torch.Tensor], classes: int,
@@ -79,11 +80,13 @@ def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, query: torch.Tenso
     return torch.cat(predictions)
 
 
-def probe_encoder(encoder: Encoder, bundle: DataBundle, label: str) -> list[dict[str, Any]]:
-    """One row per depth: linear and kNN accuracy on validation and test, trained on the labelled train split."""
+def probe_encoder(encoder: Encoder, bundle: DataBundle, label: str, device: torch.device | None = None
+                  ) -> list[dict[str, Any]]:
+    """One row per depth: linear and kNN accuracy on validation and test, trained on the labelled train split; the
+    features computed on ``device``, the probes on the CPU."""
     classes = len(bundle.classes)
     train_y, val_y, test_y = (torch.from_numpy(s.labels) for s in (bundle.train, bundle.val, bundle.test))
-    by_split = [features(encoder, s.images) for s in (bundle.train, bundle.val, bundle.test)]
+    by_split = [features(encoder, s.images, device) for s in (bundle.train, bundle.val, bundle.test)]
     rows = []
     for depth, (train_x, val_x, test_x) in enumerate(zip(*by_split), 1):
         linear_val, linear_test = linear_probe(train_x, train_y, [val_x, test_x], classes)
@@ -96,12 +99,14 @@ def probe_encoder(encoder: Encoder, bundle: DataBundle, label: str) -> list[dict
     return rows
 
 
-def probes(bundle: DataBundle, encoder: Encoder, train_limit: int | None, seed: int) -> list[dict[str, Any]]:
+def probes(bundle: DataBundle, encoder: Encoder, train_limit: int | None, seed: int,
+           device: torch.device | None = None) -> list[dict[str, Any]]:
     """Linear and kNN probes at every depth, for ``encoder`` and a random one of the same shape, trained on at most
-    ``train_limit`` labelled train images (stratified)."""
+    ``train_limit`` labelled train images (stratified); the features computed on ``device``."""
     if train_limit is not None and train_limit < len(bundle.train):
         index = stratified_subset(bundle.train.labels, train_limit, derive_seed(seed, "probe-subset"))
         bundle = dataclasses.replace(bundle, train=bundle.train.take(index))
     torch.manual_seed(derive_seed(seed, "random-encoder"))
     random_encoder = Encoder(encoder.spec, encoder.in_channels, encoder.stride)
-    return probe_encoder(encoder, bundle, "pretrained") + probe_encoder(random_encoder, bundle, "random")
+    return probe_encoder(encoder, bundle, "pretrained", device) + \
+        probe_encoder(random_encoder, bundle, "random", device)

@@ -25,6 +25,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -187,6 +188,35 @@ def resolved_precision(requested: str, device: str) -> str:
     if device in ("auto", "cpu") and cpu_computes_bf16():
         return "bf16-mixed"
     return "32"
+
+
+def fit_device(t: TrainerConfig) -> torch.device:
+    """The device a fit with these settings trains this process's model on, chosen as Lightning's Trainer chooses
+    it: ``auto`` takes Apple's GPU, else a CUDA GPU, else the CPU; ``gpu`` the first two; the CUDA index is this
+    process's (``$LOCAL_RANK``) among ``trainer.devices``. Lightning moves the model back to the CPU after a fit:
+    testing, probing and predicting move it here again. A TPU is none of the project's devices.
+
+    >>> from aepretrain.config import TrainerConfig
+    >>> fit_device(TrainerConfig(device="cpu")), fit_device(TrainerConfig(device="auto")).type in ("cpu", "cuda", "mps")
+    (device(type='cpu'), True)
+    """
+    kind = t.device
+    if kind in ("auto", "gpu"):
+        kind = "mps" if MPSAccelerator.is_available() else "cuda" if CUDAAccelerator.is_available() else kind
+        kind = "cpu" if kind == "auto" else kind
+    if kind == "cpu":
+        return torch.device("cpu")
+    available = {"cuda": CUDAAccelerator, "mps": MPSAccelerator}.get(kind, CUDAAccelerator).is_available()
+    if not available:
+        raise UserError(f"trainer.device is {t.device}, but this machine has no {'CUDA' if kind != 'mps' else 'MPS'} "
+                        "GPU: choose device auto or cpu")
+    if kind == "mps":
+        return torch.device("mps")
+    requested: Any = t.devices if not t.devices.isdigit() else int(t.devices)
+    indices = list(range(CUDAAccelerator.auto_device_count())) if requested == "auto" else \
+        CUDAAccelerator.parse_devices(requested) or [0]
+    rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    return torch.device("cuda", indices[rank] if rank < len(indices) else indices[0])
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
