@@ -44,7 +44,7 @@ from .output import fitting, header
 from .pretrain import pretrain, stage_path
 from .runfolder import run_folder
 from .seeds import derive_seed, numpy_generator
-from .training import set_threads
+from .training import fit_device, set_threads
 
 
 def nested_fractions(labels: np.ndarray, fractions: list[float], seed: int) -> dict[float, np.ndarray]:
@@ -407,7 +407,8 @@ def _cell(cfg: Config, labelled: DataBundle, out: Path, fraction: float, arm: st
     folder = out / "cells" / f"f{fraction:g}-{arm}-seed{seed}"
     result = finetune(c, labelled, folder, "scratch" if arm == "scratch" else "pretrained", encoder, resume=True,
                       split_seed=cfg.seed, val_every=every)  # every cell's data is split from the study's seed
-    scores, history = evaluate(result.classifier, labelled.test, labelled.classes), result.record.history
+    scores = evaluate(result.classifier, labelled.test, labelled.classes, device=fit_device(cfg.trainer))
+    history = result.record.history
     validating = sum(row.get("val_seconds", 0.0) for row in history)
     return {"fraction": fraction, "arm": arm, "seed": seed, "labelled": len(labelled.train),
             "labelled_per_class": len(labelled.train) / max(len(labelled.classes), 1),
