@@ -140,14 +140,14 @@ def test_a_short_simclr_run_beats_the_random_encoder_and_fine_tunes_from_its_che
     assert probe["pretrained", 3] > probe["random", 3] + 0.03, probe
 
 
-def test_a_short_byol_run_at_a_quarter_of_the_preset_s_rate_beats_the_random_encoder(tmp_path: Path) -> None:
+def test_a_short_byol_run_at_its_own_rate_beats_the_random_encoder(tmp_path: Path) -> None:
     # The data of the simclr test. At the tiny preset's lr 2e-3 BYOL's online network collapses in its first epoch
-    # (effective rank of the depth-3 features 4.7 -> 1.9 by step 18) and ties the random encoder; at 5e-4 it keeps
-    # its rank. Measured over seeds 0-5, 8 epochs at 5e-4: kNN +0.025 to +0.081, linear -0.037 to +0.062 (seed 0:
-    # +0.038 and +0.037); at 2e-3 and 4 epochs: kNN -0.113 to +0.037.
+    # (effective rank of the depth-3 features 4.7 -> 1.9 by step 18) and ties the random encoder; at 5e-4 (its
+    # default pretrain.byol_lr) it keeps its rank. Measured over seeds 0-5, 8 epochs at 5e-4: kNN +0.025 to +0.081,
+    # linear -0.037 to +0.062 (seed 0: +0.038 and +0.037); at 2e-3 and 4 epochs: kNN -0.113 to +0.037.
     out = tmp_path / "byol"
     assert main(["pretrain", "--out", str(out), "--precision", "32",
-                 *tiny("pretrain.objective=byol", "pretrain.lr=5e-4", "pretrain.epochs=8", "data.ae_fraction=1.0",
+                 *tiny("pretrain.objective=byol", "pretrain.epochs=8", "data.ae_fraction=1.0",
                        "data.synthetic_classes=32", "data.synthetic_per_class=10")]) == 0
     probe = {(r["encoder"], r["depth"]): r for r in json.loads((out / "metrics.json").read_text())["probes"]}
     pretrained, random = probe["pretrained", 3], probe["random", 3]
@@ -169,3 +169,13 @@ def test_a_short_byol_run_moves_its_target_behind_the_online_network_and_fine_tu
     assert torch.equal(backbone.blocks[0].conv1.weight, online)
     served = Analyst(checkpoint.parent / "classifier-pretrained.safetensors")
     assert served.describe()["stages"] == []  # no reconstructions to show, and no error for the contrastive stage
+
+
+def test_byol_trains_at_its_own_rate_and_the_others_at_pretrain_lr() -> None:
+    from aepretrain.config import PretrainConfig
+    from aepretrain.objectives import objective_of
+
+    assert objective_of(PretrainConfig(objective="byol", lr=2e-3)).learning_rate == 5e-4
+    assert objective_of(PretrainConfig(objective="byol", lr=2e-3, byol_lr=None)).learning_rate == 2e-3
+    assert objective_of(PretrainConfig(objective="simclr", lr=2e-3, byol_lr=1e-4)).learning_rate == 2e-3
+    assert objective_of(PretrainConfig(objective="greedy", lr=3e-3)).learning_rate == 3e-3

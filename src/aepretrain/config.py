@@ -152,6 +152,9 @@ class PretrainConfig:
                               "[1, 65536]")
     momentum: float = setting(0.99, "byol: the target's moving-average momentum at the first step, rising to 1 "
                               "(cosine)", "[0, 1]")
+    byol_lr: float | None = setting(5e-4, "byol: its own learning rate; null: pretrain.lr. Its online network "
+                                    "collapsed at the 2e-3 the autoencoders and SimCLR train well at (probes below "
+                                    "the random encoder's) and learned at 5e-4", "(0, 1e37]")
     dataset: str | None = setting(None, "pre-training data of its own (labelled or not), a data set like "
                                   "data.dataset; null: the labelled data set")
     root: str | None = setting(None, "pretrain.dataset's folder")

@@ -53,6 +53,11 @@ class Objective:
         """Stage ``stage``'s network: the encoder's blocks 1..stage (1..stage-1 frozen when greedy) and a new head."""
         return Autoencoder(encoder, stage, frozen=None if self.greedy else 0)
 
+    @property
+    def learning_rate(self) -> float:
+        """The optimizer's (peak) learning rate for this objective's networks."""
+        return self.settings.lr
+
     def loss(self, network: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The loss of a batch of float images (NCHW, [0, 1]), computed in fp32."""
         raise NotImplementedError
@@ -123,10 +128,14 @@ class BYOL(SimCLR):
     (Grill et al. 2020). No negatives: the predictor and the slowly moving target keep it from collapsing.
     Without negatives it is also more sensitive to the learning rate than SimCLR: with Adam at 2e-3 (the small
     presets' rate) the online network's features collapse to a few directions in the first epoch of a short run,
-    and at 5e-4 they do not (measured in tests/test_objectives.py)."""
+    and at 5e-4 they do not (tests/test_objectives.py): hence a rate of its own, ``pretrain.byol_lr``."""
 
     name = "byol"
     loss_name = "2 - 2 cos, both views"
+
+    @property
+    def learning_rate(self) -> float:
+        return self.settings.lr if self.settings.byol_lr is None else self.settings.byol_lr
 
     def network(self, encoder: Encoder, stage: int) -> nn.Module:
         return MomentumPair(super().network(encoder, stage), self.settings.hidden_dim)

@@ -77,8 +77,8 @@ class StageModule(TrainingModule):
 def stage_module(network: nn.Module, cfg: Config) -> StageModule:
     """The stage's module with the run's pre-training settings."""
     p = cfg.pretrain
-    return StageModule(network, f"stage{network.stage}", p.lr, p.adam_eps, p.schedule, cfg.trainer.channels_last,
-                       dataclasses.asdict(p))
+    return StageModule(network, f"stage{network.stage}", objective_of(p).learning_rate, p.adam_eps, p.schedule,
+                       cfg.trainer.channels_last, dataclasses.asdict(p))
 
 
 @dataclass
