@@ -100,9 +100,10 @@ def test_the_report_first_says_what_the_run_shows(restarted: tuple[Path, str, st
     for said in (f"pretrained **{pre['test_accuracy'] * 100:.2f} %**, scratch **{scratch['test_accuracy'] * 100:.2f} %**",
                  f"a gap of {gap:+.2f} points", f"Epochs to the target, {target}: pretrained ",
                  "A linear probe of the frozen features does best at depth ", "of the random one",
-                 r"One seed gives no verdict: \`aepretrain study\` measures the gain over seeds with a 95 % interval",
+                 "One seed gives no verdict: `aepretrain study` measures the gain over seeds with a 95 % interval",
                  "its numbers are in the last section, for orientation"):
         assert said in first, said
+    assert "<code>aepretrain study</code> measures the gain" in (out / "report.html").read_text()
     stdout = restarted[1].splitlines()
     assert stdout[-3].startswith(f"pretrained: test accuracy {pre['test_accuracy'] * 100:.2f} %, reached {target} "
                                  "in ") and stdout[-3].endswith(("1 epoch", "2 epochs"))

@@ -418,8 +418,10 @@ def _md(block: Block, out: Path) -> str:
         return f"# {_md_text(value)}\n"
     if kind in ("h2", "h3"):
         return f"{'#' * int(kind[1])} {_md_text(value)}\n"
-    if kind == "p":  # ** marks bold; the text between is shown as it is
-        return "**".join(_md_text(part) for part in value.split("**")) + "\n"
+    if kind == "p":  # ** marks bold, ` marks code; the text between is shown as it is
+        return "**".join("`".join(_md_text(text) if i % 2 == 0 else printable(text)
+                                  for i, text in enumerate(part.split("`")))
+                         for part in value.split("**")) + "\n"
     if kind == "img":
         path, caption = value
         return f"![{_md_text(caption)}]({path.relative_to(out)})\n\n*{_md_text(caption)}*\n"
@@ -434,7 +436,8 @@ def _html(block: Block) -> str:
         return f"<{kind}>{_html_text(value)}</{kind}>"
     if kind == "p":
         parts = _html_text(value).split("**")
-        return "<p>" + "".join(f"<b>{s}</b>" if i % 2 else s for i, s in enumerate(parts)) + "</p>"
+        text = "".join(f"<b>{s}</b>" if i % 2 else s for i, s in enumerate(parts))
+        return "<p>" + "".join(f"<code>{s}</code>" if i % 2 else s for i, s in enumerate(text.split("`"))) + "</p>"
     if kind == "img":
         path, caption = value
         data = base64.b64encode(path.read_bytes()).decode() if path.is_file() else ""

@@ -37,6 +37,7 @@ from .checkpoints import read_finished, save_model
 from .config import Config, TrainerConfig, cut
 from .errors import UserError
 from .fileio import first_line, write_json, write_stream
+from .objectives import objective_of
 from .trackers import tracker_loggers
 from .output import fit_label, header
 from .progress import progress_callbacks
@@ -155,11 +156,12 @@ def fit_words(module: TrainingModule, fit: Fit, cfg: Config) -> tuple[str, str]:
     if fit.kind == "classifier":
         start = "the pre-trained encoder" if module.name == "pretrained" else "random weights"
         return fit_label(f"finetune {module.name}"), f"training the classifier from {start}: {epochs}"
-    objective, stage = cfg.pretrain.objective, module.model.stage
-    if objective == "end-to-end":
-        return fit_label("end-to-end"), f"pre-training the whole encoder as one autoencoder: {epochs}"
+    objective, stage = objective_of(cfg.pretrain), module.model.stage
+    if not objective.greedy:
+        how = "as one autoencoder" if objective.reconstructs else f"with {objective.name} ({objective.loss_name})"
+        return fit_label(objective.name), f"pre-training the whole encoder {how}: {epochs}"
     return (fit_label(f"stage {stage}/{len(cfg.model.blocks)}"),
-            f"pre-training encoder block {stage} as an autoencoder ({objective}): {epochs}")
+            f"pre-training encoder block {stage} as an autoencoder ({objective.name}): {epochs}")
 
 
 CPU_BF16 = "AEPRETRAIN_CPU_BF16"
