@@ -18,16 +18,17 @@ from .conftest import tiny
 def test_objectives_share_images_and_image_passes_and_cells_state_their_ratio(tmp_path: Path) -> None:
     out = tmp_path / "study"
     assert main(["study", "--out", str(out), *tiny(), "--label-fractions", "0.25,1", "--seeds", "1",
-                 "--objectives", "greedy,end-to-end", "--set", "study.epochs=1", "--set", "study.min_steps=1",
+                 "--objectives", "greedy,end-to-end,simclr", "--set", "study.epochs=1", "--set", "study.min_steps=1",
                  "--set", "study.val_limit=null", "--set", "pretrain.epochs=2"]) == 0
     record = json.loads((out / "study.json").read_text())
     costs = {p["objective"]: p for p in record["pretraining"]}
-    assert set(costs) == {"greedy", "end-to-end"}
-    greedy, whole = costs["greedy"], costs["end-to-end"]
-    assert greedy["images"] == whole["images"] > 0
-    assert greedy["epochs"] == 3 * 2 and whole["epochs"] == 3 * 2  # 3 stages x 2 epochs; one stage x 6 epochs
-    assert greedy["image_passes"] == whole["image_passes"] > 0
-    assert greedy["seconds"] > 0 and whole["seconds"] > 0
+    assert set(costs) == {"greedy", "end-to-end", "simclr"}
+    greedy = costs["greedy"]
+    for whole in (costs["end-to-end"], costs["simclr"]):
+        assert greedy["images"] == whole["images"] > 0
+        assert greedy["epochs"] == 3 * 2 and whole["epochs"] == 3 * 2  # 3 stages x 2 epochs; one stage x 6 epochs
+        assert greedy["image_passes"] == whole["image_passes"] > 0
+        assert greedy["seconds"] > 0 and whole["seconds"] > 0
     for cell in record["cells"]:
         assert cell["pretrain_images"] == greedy["images"]
         assert cell["ratio"] == pytest.approx(greedy["images"] / cell["labelled"])
@@ -39,7 +40,7 @@ def test_objectives_share_images_and_image_passes_and_cells_state_their_ratio(tm
     assert "### Verdicts" in md and "unlabelled : labelled" in md and (out / "figures" / "study-gain.png").is_file()
     header = next(line for line in md.splitlines() if line.startswith("| labelled per class"))
     verdict_rows = [line for line in md.splitlines() if line.count("|") == header.count("|") and " : 1 |" in line]
-    assert len(verdict_rows) == 2 * 2  # fractions x objectives
+    assert len(verdict_rows) == 2 * 3  # fractions x objectives
     with open(out / "study.csv") as f:
         assert "ratio" in f.readline().split(",")
 
