@@ -1,10 +1,13 @@
 """The study's grid on Ray (a local cluster of 2 CPUs) gives the serial engine's results, bit for bit in fp32 on the
-CPU, when each task has as many threads as the serial run."""
+CPU, when each task has as many threads as the serial run; a study on Ray killed with SIGKILL leaves no process
+behind and resumes."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,3 +50,88 @@ def test_the_grid_on_ray_equals_the_serial_engine(tmp_path: Path) -> None:
     assert main([*grid, "--out", str(tmp_path / "ray"), "--engine", "ray"]) == 0  # all done: nothing runs again
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "ray").rglob("*.safetensors")} == finished
     assert results(tmp_path / "ray") == on_ray
+
+
+def started_by(mark: str) -> dict[int, str]:
+    """The live processes whose environment carries ``mark`` (a driver's children inherit it, and Ray's processes
+    theirs, whatever session or parent they end up in), by id, with their names; zombies are dead."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if mark.encode() in (proc / "environ").read_bytes().split(b"\0"):
+                stat = (proc / "stat").read_text()
+                if stat[stat.rindex(")") + 2] != "Z":
+                    found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:80]
+        except (OSError, ValueError):  # not a process, gone, or another user's
+            continue
+    return found
+
+
+def left_after(mark: str, seconds: float) -> dict[int, str]:
+    """The processes of ``started_by(mark)`` still there after up to ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while (found := started_by(mark)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return found
+
+
+def recorded(out: Path) -> dict:
+    """What study.json holds: (kind, key) -> the test accuracy of a cell, the epochs of a pre-training."""
+    record = json.loads((out / "study.json").read_text()) if (out / "study.json").is_file() else {}
+    return {**{("cell", (c["fraction"], c["arm"], c["seed"])): c["test_accuracy"] for c in record.get("cells", [])},
+            **{("pretraining", (p["objective"], p["seed"])): p["epochs"] for p in record.get("pretraining", [])}}
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="finds the driver's processes through /proc")
+def test_a_killed_ray_study_leaves_no_process_and_resumes(tmp_path: Path) -> None:
+    """SIGKILL to the driver's process group (a job scheduler's or a terminal's kill): no process of it is left (the
+    driver, Ray's head, its workers), and the same command again takes over the lock, says it resumes, keeps what
+    was recorded (its checkpoints not written again) and finishes the rest."""
+    out = tmp_path / "study"
+    command = [sys.executable, "-m", "aepretrain", "study", *(a for a in tiny() if a != "--quiet"), "--seeds", "2",
+               "--label-fractions", "1", "--objectives", "greedy", "--set", "study.epochs=1", "--set",
+               "study.min_steps=2", "--set", "study.val_limit=null", "--set", "study.task_cpus=1", "--engine", "ray",
+               "--out", str(out)]
+    mark = f"AEPRETRAIN_TEST_RUN={tmp_path.name}-{os.getpid()}"
+    env = dict(os.environ, OMP_NUM_THREADS="1", **dict([mark.split("=")]))
+    driver = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not recorded(out) and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert driver.poll() is None, "the study ended before it could be killed"
+        assert recorded(out), "no task finished within 120 s"
+        running = started_by(mark).values()  # the search finds Ray's processes: the check below can fail
+        assert any("raylet" in name for name in running) and any("ray::" in name for name in running), running
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    before = recorded(out)
+    weights = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    assert left_after(mark, 10) == {}, "processes outlived the killed driver"
+    assert (out / ".aepretrain-lock").read_text() == str(driver.pid)  # the killed driver could not clear it
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    said = again.stderr.splitlines()
+    assert f"aepretrain: took over the lock {out / '.aepretrain-lock'}, left by process {driver.pid}, which is gone" \
+        in said, again.stderr
+    assert (f"[study] resuming {out}: {len(before)} of 6 pre-trainings and cells finished before (study.json), "
+            f"{6 - len(before)} left") in said, again.stderr
+    record = json.loads((out / "study.json").read_text())
+    cells = sorted((c["fraction"], c["arm"], c["seed"]) for c in record["cells"])
+    assert cells == [(1.0, arm, seed) for arm in ("greedy", "scratch") for seed in (0, 1)]  # each exactly once
+    assert sorted((p["objective"], p["seed"]) for p in record["pretraining"]) == [("greedy", 0), ("greedy", 1)]
+    after = recorded(out)
+    assert {key: after[key] for key in before} == before
+    assert all(0 <= accuracy <= 1 for (kind, _), accuracy in after.items() if kind == "cell")
+    kept = [p for p in weights if any(out / folder(*key) in p.parents for key in before)]
+    assert kept and {p: p.stat().st_mtime_ns for p in kept} == {p: weights[p] for p in kept}
+    assert left_after(mark, 10) == {}  # the rerun's Ray is gone too
+
+
+def folder(kind: str, key: tuple) -> str:
+    """Where a recorded task wrote its checkpoints in the study folder."""
+    if kind == "pretraining":
+        return f"pretrain/{key[0]}-seed{key[1]}"
+    return f"cells/f{key[0]:g}-{key[1]}-seed{key[2]}"

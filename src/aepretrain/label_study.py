@@ -312,6 +312,11 @@ def _study(cfg: Config, out: Path) -> dict[str, Any]:
     pretrainings = [(objective, seed) for seed in seeds for objective in objectives if (objective, seed) not in pretrained]
     cells = [(fraction, arm, seed) for seed in seeds for fraction in sorted(s.label_fractions)
              for arm in ["scratch", *objectives] if (fraction, arm, seed) not in done]
+    tasks = len(seeds) * (len(objectives) + len(s.label_fractions) * (1 + len(objectives)))
+    left = len(pretrainings) + len(cells)
+    if left < tasks:  # on Ray the tasks' own lines stay in Ray's logs: this is what says the study resumes
+        header(f"[study] resuming {out}: {tasks - left} of {tasks} pre-trainings and cells finished before "
+               f"(study.json), {left} left")
 
     def keep(kind: str, result: dict[str, Any]) -> None:
         record["pretraining" if kind == "pretraining" else "cells"].append(result)
