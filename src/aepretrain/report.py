@@ -361,6 +361,17 @@ def study_blocks(out: Path) -> list[Block]:
     return b
 
 
+def per_class_text(count: float | None) -> str:
+    """Labelled images per class for people: whole numbers with separators, a fraction only below 10.
+
+    >>> per_class_text(5400.0), per_class_text(1080.0), per_class_text(10.8), per_class_text(2.5), per_class_text(None)
+    ('5,400', '1,080', '11', '2.5', '')
+    """
+    if not count:
+        return ""
+    return f"{count:,.0f}" if count >= 10 else f"{count:.2g}"
+
+
 def steps_text(row: dict[str, Any]) -> str:
     if not row.get("reached"):
         return "not reached" if "reached" in row else ""
@@ -377,7 +388,7 @@ def _verdicts(summary: list[dict[str, Any]], figure_path: Path) -> list[Block]:
     return [("h3", "Verdicts"),
             _table(["labelled per class", "unlabelled : labelled", "objective", "gain (points)",
                     "95 % interval (points)", "verdict", "pre-training time", "steps to target vs scratch [95 %]"],
-                   [[f"{r['labelled_per_class']:.3g}" if r.get("labelled_per_class") else "",
+                   [[per_class_text(r.get("labelled_per_class")),
                      f"{r['ratio']:.3g} : 1" if r.get("ratio") else "", r["arm"], gain_text(r["gain"]),
                      interval_text(r), r["verdict"], duration(r.get("pretrain_seconds")), steps_text(r)]
                     for r in rows]),
