@@ -347,10 +347,11 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> None:
+    from .config import cut
     from .data.download import DATASETS, download, downloaded_root
 
     if args.dataset not in DATASETS:
-        raise UserError(f"download --dataset {args.dataset!r}: there is none to download; choose "
+        raise UserError(f"download --dataset {cut(repr(args.dataset))}: there is none to download; choose "
                         f"{' or '.join(DATASETS)}")
     if args.dataset == "oxford-pets" and not args.root:
         raise UserError("download --dataset oxford-pets needs --root DIR: where to unpack its 800 MB")

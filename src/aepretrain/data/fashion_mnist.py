@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
+from ..errors import UserError, shown
 from .base import Source
 from .cache import cached, fingerprint
 from .download import downloaded_root
@@ -44,7 +44,7 @@ def find_root(root: str | None) -> Path:
     holds all four idx files."""
     if root:
         if not Path(root).is_dir():
-            raise UserError(f"Fashion-MNIST not found (--root {root} does not exist); {HOW_TO_GET}")
+            raise UserError(f"Fashion-MNIST not found (--root {shown(root)} does not exist); {HOW_TO_GET}")
         return Path(root)
     places = (DEBIAN_ROOT, downloaded_root("fashion-mnist"))
     for folder in places:
