@@ -179,3 +179,9 @@ def test_byol_trains_at_its_own_rate_and_the_others_at_pretrain_lr() -> None:
     assert objective_of(PretrainConfig(objective="byol", lr=2e-3, byol_lr=None)).learning_rate == 2e-3
     assert objective_of(PretrainConfig(objective="simclr", lr=2e-3, byol_lr=1e-4)).learning_rate == 2e-3
     assert objective_of(PretrainConfig(objective="greedy", lr=3e-3)).learning_rate == 3e-3
+    from aepretrain.models import build_encoder
+    from aepretrain.pretrain import stage_module
+
+    cfg = resolve("tiny", overrides=["pretrain.objective=byol"])  # the tiny preset trains at 2e-3
+    byol = objective_of(cfg.pretrain)
+    assert stage_module(byol.network(build_encoder(cfg.model, 3, False), 3), cfg).hparams.lr == 5e-4
