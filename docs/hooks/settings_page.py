@@ -35,8 +35,8 @@ def setting_rows() -> list[dict[str, str]]:
     and what it is; all but the presets from the schema (:func:`aepretrain.config.schema`)."""
     from aepretrain import config
 
-    presets = {name: _flat(config.resolve(name)) for name in config.preset_names()}
-    defaults = _flat(config.Config())
+    presets = {name: config.flatten(config.resolve(name).to_dict()) for name in config.preset_names()}
+    defaults = config.flatten(config.Config().to_dict())
 
     rows = []
     for s in config.schema():
@@ -56,14 +56,6 @@ def section_help() -> dict[str, str]:
 
     return {f.name: f.metadata["help"] for f in dataclasses.fields(config.Config)
             if dataclasses.is_dataclass(getattr(config.Config(), f.name))}
-
-
-def _flat(cfg: Any) -> dict[str, Any]:
-    """Dotted key -> value, sections flattened; lists (model.blocks too) kept whole."""
-    flat = {}
-    for key, value in dataclasses.asdict(cfg).items():
-        flat |= {f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value}
-    return flat
 
 
 def render(rows: list[dict[str, str]], sections: dict[str, str]) -> str:

@@ -84,16 +84,15 @@ def _schema_and_quick() -> tuple[dict[str, Any], Any]:
 @functools.cache
 def setting_help(key: str) -> str:
     """A flag's help from its setting's schema: what it is, what it takes and its value in the quick preset."""
-    from .config import choices_of
+    from .config import choices_of, value_at
 
-    settings, value = _schema_and_quick()
+    settings, quick = _schema_and_quick()
     found = settings[key]
     choices = choices_of(found)
     allowed = f"one of {', '.join(choices)}" if choices else f"in {found.range}" if found.range else ""
     if found.rule != key:
         allowed = ", each ".join(filter(None, ["comma-separated", allowed]))
-    for part in key.split("."):
-        value = getattr(value, part)
+    value = value_at(quick, key)
     shown = ",".join(map(str, value)) if isinstance(value, list) else \
         json.dumps(value) if value is None or isinstance(value, bool) else value
     return ("; ".join(filter(None, [found.help, allowed])) + f" (default: {shown})").replace("%", "%%")

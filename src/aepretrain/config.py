@@ -500,7 +500,7 @@ def keys_table(preset: str = "quick") -> str:
     cfg = resolve(preset)
     rows = [("key", "type", f"{preset}", "allowed", "help")]
     for s in schema():
-        value = s.default if "[]" in s.key else functools.reduce(getattr, s.key.split("."), cfg)
+        value = s.default if "[]" in s.key else value_at(cfg, s.key)
         shown = "-" if value is dataclasses.MISSING else flow(value)
         rows.append((s.key, type_name(s.kind), shown, allowed_text(s), s.help))
     widths = [min(max(len(row[i]) for row in rows), limit) for i, limit in enumerate((40, 16, 20, 40))]
@@ -700,15 +700,26 @@ def _known(values: dict[str, Any], target: Any) -> dict[str, Any]:
     return kept
 
 
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value for nested mappings of settings; lists (model.blocks too) are kept whole.
+
+    >>> flatten({"seed": 0, "data": {"image_size": 32, "root": None}})
+    {'seed': 0, 'data.image_size': 32, 'data.root': None}
+    """
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        out |= flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+def value_at(cfg: Any, key: str) -> Any:
+    """The setting at a dotted key, e.g. ``value_at(cfg, "finetune.epochs")``."""
+    return functools.reduce(getattr, key.split("."), cfg)
+
+
 def differences(a: Config, b: Config, ignore: set[str] = frozenset()) -> list[tuple[str, Any, Any]]:
     """(dotted key, value in a, value in b) for every setting that differs."""
-    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
-        return out
-
-    fa, fb = flat(a.to_dict()), flat(b.to_dict())
+    fa, fb = flatten(a.to_dict()), flatten(b.to_dict())
     return [(k, fa[k], fb.get(k)) for k in fa if k not in ignore and fa[k] != fb.get(k)]
 
 

@@ -70,6 +70,11 @@ def _budgeted(cfg: Config) -> Config:
     return c
 
 
+def study_seeds(cfg: Config) -> range:
+    """The seeds of the study's grid: ``study.seeds`` of them from ``seed`` on."""
+    return range(cfg.seed, cfg.seed + cfg.study.seeds)
+
+
 def pretrain_folder(out: Path, objective: str, seed: int) -> Path:
     return out / "pretrain" / f"{objective}-seed{seed}"
 
@@ -308,7 +313,7 @@ def _study(cfg: Config, out: Path) -> dict[str, Any]:
     record.setdefault("pretraining", [])
     done = {(c["fraction"], c["arm"], c["seed"]) for c in record["cells"]}
     pretrained = {(p["objective"], p["seed"]) for p in record["pretraining"]}
-    seeds = range(cfg.seed, cfg.seed + s.seeds)
+    seeds = study_seeds(cfg)
     pretrainings = [(objective, seed) for seed in seeds for objective in objectives if (objective, seed) not in pretrained]
     cells = [(fraction, arm, seed) for seed in seeds for fraction in sorted(s.label_fractions)
              for arm in ["scratch", *objectives] if (fraction, arm, seed) not in done]
@@ -434,7 +439,7 @@ def _finish(cfg: Config, out: Path, record: dict[str, Any], objectives: list[str
         c["epochs_to_target"] = epochs_to_target(c["history"], c["target"])
         c["steps_to_target"] = next((int(row["step"]) for row in c["history"]
                                      if row["epoch"] == c["epochs_to_target"]), None)
-    seeds = range(cfg.seed, cfg.seed + cfg.study.seeds)
+    seeds = study_seeds(cfg)
     grid = [c for c in record["cells"] if c["seed"] in seeds and c["fraction"] in cfg.study.label_fractions
             and c["arm"] in ["scratch", *objectives]]
     record["summary"] = summarize_cells(grid, objectives, record.get("pretraining", []))
