@@ -24,7 +24,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from .data.base import Images, Labelled
-from .models import Classifier
+from .models import Classifier, evaluating_on
 from .transforms import pixels
 
 
@@ -35,17 +35,13 @@ def over_batches(model: nn.Module, images: np.ndarray | torch.Tensor | Images,
     """``fn`` of uint8 NHWC images scaled to [0, 1], batch by batch in eval mode on ``device`` (the model's own
     where None), the result on the CPU. The model goes back to where it was, in the mode it was in. Images of a
     store are gathered a batch at a time; to a CUDA device they go from pinned memory, without waiting."""
-    home = next(model.parameters()).device
-    device = home if device is None else device
-    was_training = model.training
-    model.to(device).eval()
     out = []
-    for start in range(0, len(images), batch_size):
-        batch = torch.as_tensor(images[start:start + batch_size])
-        if device.type == "cuda":
-            batch = batch.pin_memory()
-        out.append(fn(pixels(batch.to(device, non_blocking=True))).float().cpu())
-    model.to(home).train(was_training)
+    with evaluating_on(model, device) as device:
+        for start in range(0, len(images), batch_size):
+            batch = torch.as_tensor(images[start:start + batch_size])
+            if device.type == "cuda":
+                batch = batch.pin_memory()
+            out.append(fn(pixels(batch.to(device, non_blocking=True))).float().cpu())
     return torch.cat(out)
 
 

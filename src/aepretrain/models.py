@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -265,3 +267,16 @@ def summary(spec: ModelConfig, image_size: int, in_channels: int, num_classes: i
         stages.append({"stage": stage, **summarize(ae, shape)})
     return {"input_shape": [image_size, image_size, in_channels], "classifier": summarize(classifier, shape),
             "stages": stages}
+
+
+@contextmanager
+def evaluating_on(model: nn.Module, device: torch.device | None = None) -> Iterator[torch.device]:
+    """``model`` in eval mode on ``device`` (its own where None) for the block, which gets the device; then back
+    where it was, in the mode it was in (Lightning hands a model back on the CPU after a fit)."""
+    home, was_training = next(model.parameters()).device, model.training
+    device = home if device is None else device
+    model.to(device).eval()
+    try:
+        yield device
+    finally:
+        model.to(home).train(was_training)

@@ -32,7 +32,7 @@ from .callbacks import History
 from .config import Config, PretrainConfig
 from .data import DataBundle, Labelled
 from .data.loading import loader
-from .models import Autoencoder, Encoder, build_encoder, summarize
+from .models import Autoencoder, Encoder, build_encoder, evaluating_on, summarize
 from .objectives import objective_of
 from .seeds import derive_seed
 from .training import Fit, Record, TrainingModule, fit_or_restore, trainer
@@ -142,8 +142,6 @@ def reconstruct(autoencoders: list[Autoencoder], images: torch.Tensor, device: t
     images = images.to(device)
     outputs = []
     for autoencoder in autoencoders:
-        home, was_training = next(autoencoder.parameters()).device, autoencoder.training
-        autoencoder.to(device).eval()
-        outputs.append(autoencoder(images).float().clamp(0, 1).cpu())
-        autoencoder.to(home).train(was_training)
+        with evaluating_on(autoencoder, device):
+            outputs.append(autoencoder(images).float().clamp(0, 1).cpu())
     return outputs
