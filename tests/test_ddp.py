@@ -43,6 +43,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process_in_samples_per_epoch(
     result = subprocess.run([sys.executable, "-m", "aepretrain", *run, "--out", str(ddp), "--devices", "2",
                              "--strategy", "ddp"], capture_output=True, text=True, timeout=400, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("run folder: ") == 1, result.stdout  # each process ends the command; one says so
     for stderr in (said, result.stderr):
         assert len(re.findall(r"^stored 53 images of folder-all-16 ", stderr, re.M)) == 1, stderr[-3000:]
         assert "waiting" not in stderr and "damaged" not in stderr

@@ -86,6 +86,8 @@ def test_download_checks_the_published_md5_and_runs_read_the_files(
 
     if where == "cache folder":  # found without --root (`data --root` is test_data's)
         assert counts(capsys, "--out", out) == {"train+val": 60_000, "test": 10_000}
+        assert main(["data", "--out", out]) == 0  # says where it read the data
+        assert capsys.readouterr().out.splitlines()[0] == f"fashion-mnist from {root}: 10 classes, images 32x32x1"
 
 
 def test_debian_folder_comes_first_but_one_missing_a_file_is_passed_over(

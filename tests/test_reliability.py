@@ -1,5 +1,6 @@
 """Resume after SIGKILL, determinism, bad inputs refused in one line, safe checkpoint loading, full disks."""
 
+import csv
 import json
 import os
 import pickle
@@ -64,6 +65,7 @@ def test_sigkill_in_stage2_then_resume_equals_an_unbroken_run(unbroken: Path, tm
     assert not (out / "checkpoints" / "pretrain-stage2.safetensors").exists(), "killed too late: stage 2 finished"
     stage1 = out / "checkpoints" / "pretrain-stage1.safetensors"
     stage1_written = stage1.stat().st_mtime_ns
+    logged = csv_log(out, "stage2")  # what the killed fit's CSV log held
 
     assert main(["run", "--out", str(out), *TINY]) == 2  # the kill needs a process; the resume does not
     assert "already holds a run" in capsys.readouterr().err
@@ -73,6 +75,21 @@ def test_sigkill_in_stage2_then_resume_equals_an_unbroken_run(unbroken: Path, tm
     assert m["pretrain"]["stages"][0]["resumed_from"] is None
     assert m["pretrain"]["stages"][1]["resumed_from"] >= 1  # continued after its last finished epoch
     assert numbers(out) == numbers(unbroken)
+    # the CSV log keeps the rows of the epochs before the kill (Lightning's own logger deleted them), then the
+    # resumed epochs' rows, those of the unbroken run; the kill may have come before the last finished epoch's
+    # training row was written (Lightning logs it after the epoch's checkpoint)
+    finished = m["pretrain"]["stages"][1]["resumed_from"]
+    kept = [row for row in logged if float(row["epoch"]) < finished]
+    resumed, whole = csv_log(out, "stage2"), csv_log(unbroken, "stage2")
+    assert kept and resumed[:len(kept)] == kept
+    assert resumed[len(kept):] == [row for row in whole if float(row["epoch"]) >= finished]
+    assert "Experiment logs directory" not in capsys.readouterr().err
+
+
+def csv_log(run: Path, fit: str) -> list[dict[str, str]]:
+    """A fit's CSV log, one dict a row, in the order the rows were written."""
+    with open(run / "logs" / fit / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def test_sigkill_in_a_finetuning_arm_then_resume_equals_an_unbroken_run_epoch_by_epoch(unbroken: Path,

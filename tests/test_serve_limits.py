@@ -202,7 +202,7 @@ def test_parallel_uploads_decode_one_per_core_at_once(small_run: Path, monkeypat
                 count["now"] -= 1
 
     monkeypatch.setattr(images, "open_rgb", counted)
-    side, bound, answers = 3000, serve_module.cores(), []
+    side, bound, answers = 3000, serve_module.cpu_cores(), []
     ramp = Image.fromarray(np.add.outer(np.arange(side) % 256, np.arange(side) % 256).astype(np.uint8), "P")
     ramp.putpalette(list(range(256)) * 3)
     slow = png(ramp)  # a second to decode on a 2020 core, 130 kB to send

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from aepretrain.cli import main
+from aepretrain.fileio import cpu_cores
 
 from .conftest import tiny
 
@@ -85,16 +86,17 @@ def recorded(out: Path) -> dict:
 @pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="finds the driver's processes through /proc")
 def test_a_killed_ray_study_leaves_no_process_and_resumes(tmp_path: Path) -> None:
     """SIGKILL to the driver's process group (a job scheduler's or a terminal's kill): no process of it is left (the
-    driver, Ray's head, its workers), and the same command again takes over the lock, says it resumes, keeps what
-    was recorded (its checkpoints not written again) and finishes the rest."""
+    driver, Ray's head, its workers), and the same command again, with study.engine=auto, takes over the lock, says
+    it resumes and on which engine, keeps what was recorded (its checkpoints not written again), finishes the rest
+    and says each task as it ends."""
     out = tmp_path / "study"
     command = [sys.executable, "-m", "aepretrain", "study", *(a for a in tiny() if a != "--quiet"), "--seeds", "2",
                "--label-fractions", "1", "--objectives", "greedy", "--set", "study.epochs=1", "--set",
-               "study.min_steps=2", "--set", "study.val_limit=null", "--set", "study.task_cpus=1", "--engine", "ray",
-               "--out", str(out)]
+               "study.min_steps=2", "--set", "study.val_limit=null", "--set", "study.task_cpus=1", "--out", str(out),
+               "--engine"]
     mark = f"AEPRETRAIN_TEST_RUN={tmp_path.name}-{os.getpid()}"
     env = dict(os.environ, OMP_NUM_THREADS="1", **dict([mark.split("=")]))
-    driver = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+    driver = subprocess.Popen([*command, "ray"], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
@@ -111,9 +113,14 @@ def test_a_killed_ray_study_leaves_no_process_and_resumes(tmp_path: Path) -> Non
     weights = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
     assert left_after(mark, 10) == {}, "processes outlived the killed driver"
     assert (out / ".aepretrain-lock").read_text() == str(driver.pid)  # the killed driver could not clear it
-    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run([*command, "auto"], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     said = again.stderr.splitlines()
+    engine = "ray" if cpu_cores() >= 2 else "serial"  # auto: Ray where two tasks of 1 CPU fit side by side
+    assert any(line.startswith(f"[study] engine {engine}: ") for line in said), again.stderr
+    assert not [line for line in said if "Token authentication" in line]  # Ray's default, without its line
+    assert [line.split(":")[0] for line in said if " done: " in line] == \
+        [f"[study] {n} of 6 done" for n in range(len(before) + 1, 7)]
     assert f"aepretrain: took over the lock {out / '.aepretrain-lock'}, left by process {driver.pid}, which is gone" \
         in said, again.stderr
     assert (f"[study] resuming {out}: {len(before)} of 6 pre-trainings and cells finished before (study.json), "

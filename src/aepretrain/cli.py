@@ -16,7 +16,7 @@ from typing import Any
 
 from . import __version__
 from .errors import UserError, require_posix, shown
-from .output import cli_level, cli_logging
+from .output import cli_level, cli_logging, results_from_first_process
 
 TRAINING_COMMANDS = ("run", "pretrain", "finetune", "evaluate", "bench", "study")
 TRACKED_COMMANDS = ("run", "pretrain", "finetune", "study")  # their fits go to trainer.loggers
@@ -210,7 +210,8 @@ def cmd_data(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(info, indent=2))
         return
-    print(f"{info['dataset']} from {info['root'] or 'the built-in location'}: {len(info['classes'])} classes, "
+    where = f"from {info['root']}" if info["root"] else "(generated)"
+    print(f"{info['dataset']} {where}: {len(info['classes'])} classes, "
           f"images {info['image_size'][0]}x{info['image_size'][1]}x{info['image_size'][2]}")
     print("counts: " + ", ".join(f"{k} {v}" for k, v in info["counts"].items()))
     width = max([len(c) for c in info["classes"]] + [5])
@@ -628,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
             use_fast_allocator(args)
         if args.command in TRAINING_COMMANDS:
             quiet_libraries(getattr(args, "verbose", False))
+            said.enter_context(results_from_first_process())
         args.handler(args)
     except UserError as exc:
         print(f"aepretrain: error: {exc}", file=sys.stderr)

@@ -109,6 +109,11 @@ def check_folder(path: str | Path, flag: str = "--out") -> None:
                         f"{flag} {path} cannot be a folder: {there} is a file")
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity, which a scheduler's job or ``taskset`` narrows)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def is_global_zero() -> bool:
     """True in the one process that writes files (every process when not distributed). Before Lightning has set a
     distributed run up, a process knows its rank only from its launcher's environment: on a node other than the

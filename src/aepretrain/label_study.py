@@ -21,8 +21,12 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import importlib.util
 import json
+import logging
 import math
+import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,17 +38,19 @@ from .config import Config, TrainerConfig, differences, from_dict
 from .data import DataBundle, labels_required, prepare, pretrain_images
 from .data.splits import stratified_subset
 from .checkpoints import load_stage_encoder
-from .errors import UserError
+from .errors import UserError, shown
 from .evaluate import evaluate
-from .fileio import first_line, is_global_zero, write_json
+from .fileio import cpu_cores, first_line, is_global_zero, write_json
 from .finetune import epochs_to_target, finetune
 from .models import Encoder
 from .objectives import objective_of
-from .output import fitting, header
+from .output import duration, fitting, header
 from .pretrain import pretrain, stage_path
 from .runfolder import run_folder
 from .seeds import derive_seed, numpy_generator
 from .training import fit_device, set_threads
+
+LOG = logging.getLogger(__name__)
 
 
 def nested_fractions(labels: np.ndarray, fractions: list[float], seed: int) -> dict[float, np.ndarray]:
@@ -90,7 +96,7 @@ def run_pretraining(cfg: Config, out: Path, objective: str, seed: int) -> dict[s
     passes = sum(int(row.get("samples", 0)) for stage in result.stages for row in stage.history)
     return {"seed": seed, "objective": objective, "images": len(images),
             "epochs": sum(len(stage.history) for stage in result.stages), "image_passes": passes,
-            "seconds": round(sum(stage.seconds for stage in result.stages), 2)}
+            "seconds": round(sum(stage.seconds for stage in result.stages), 2), "threads": torch.get_num_threads()}
 
 
 _DATA: dict[str, DataBundle] = {}  # a process's prepared study data, by its settings: cells of one study share it
@@ -302,8 +308,27 @@ def study(cfg: Config, out: str | Path, overwrite: bool = False) -> dict[str, An
     labelled = nested_fractions(bundle.train.labels, cfg.study.label_fractions, cfg.seed)  # as large for any seed
     for fraction, subset in labelled.items():
         cell_epochs(cfg, fraction, len(subset), processes(cfg.trainer))
+    if cfg.study.engine != "serial":
+        check_answers(cfg.study.address)
     with run_folder(out, "study", resume=True, overwrite=overwrite) as folder:
         return _study(cfg, folder)
+
+
+def check_answers(address: str | None) -> None:
+    """One line where the cluster's address (``study.address``, else Ray's own ``RAY_ADDRESS``) is not HOST:PORT
+    or nothing answers there: Ray would wait without end for a cluster at an address that does not answer."""
+    named = f"study.address {shown(address)}" if address else f"RAY_ADDRESS {shown(os.environ.get('RAY_ADDRESS', ''))}"
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address in (None, "", "auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"{named} is not auto or HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise UserError(f"nothing answers at {named} ({exc.strerror or exc}): start the cluster there (ray start "
+                        "--head) or give the address it printed") from None
 
 
 def _study(cfg: Config, out: Path) -> dict[str, Any]:
@@ -323,13 +348,72 @@ def _study(cfg: Config, out: Path) -> dict[str, Any]:
         header(f"[study] resuming {out}: {tasks - left} of {tasks} pre-trainings and cells finished before "
                f"(study.json), {left} left")
 
+    done = tasks - left  # of this grid (the record may also hold a larger grid's cells)
+
     def keep(kind: str, result: dict[str, Any]) -> None:
+        nonlocal done
         record["pretraining" if kind == "pretraining" else "cells"].append(result)
         write_json(out / "study.json", record)
+        done += 1
+        header(f"[study] {done} of {tasks} done: {task_text(kind, result)}")
 
-    engine = serial_engine if s.engine == "serial" else ray_engine
-    engine(cfg, out, pretrainings, cells, keep)
+    engine, why = chosen_engine(cfg, left)
+    if left:
+        header(f"[study] engine {engine}: {why}")
+    try:
+        (serial_engine if engine == "serial" else ray_engine)(cfg, out, pretrainings, cells, keep)
+    except RayDidNotStart as exc:
+        if s.engine != "auto" or s.address is not None:  # Ray was asked for, not chosen here
+            raise
+        LOG.warning(f"aepretrain: Ray did not start ({exc.reason}): the serial engine runs the study")
+        serial_engine(cfg, out, pretrainings, cells, keep)  # no task had started
     return _finish(cfg, out, record, objectives)
+
+
+def task_text(kind: str, result: dict[str, Any]) -> str:
+    """A finished task in a line: what it was, its test accuracy where it has one, how long it took.
+
+    >>> task_text("cell", {"fraction": 0.1, "arm": "greedy", "seed": 2, "test_accuracy": 0.8125, "seconds": 75})
+    'cell f0.1 greedy seed 2, test accuracy 0.8125, 1 min 15 s'
+    """
+    if kind == "pretraining":
+        return f"pre-training {result['objective']} seed {result['seed']}, {duration(result['seconds'])}"
+    return (f"cell f{result['fraction']:g} {result['arm']} seed {result['seed']}, test accuracy "
+            f"{result['test_accuracy']:.4f}, {duration(result['seconds'])}")
+
+
+def chosen_engine(cfg: Config, tasks: int) -> tuple[str, str]:
+    """The engine that runs ``tasks`` tasks, and why, in words. ``auto`` takes Ray, ``study.task_cpus`` threads
+    a task, where this machine's CPUs run two or more tasks at once: on 2 cores, two 1-thread tasks got through
+    a study faster than one task on both (benchmarks/RESULTS.md)."""
+    s = cfg.study
+    if s.engine != "auto":
+        return s.engine, f"study.engine={s.engine}"
+    if s.address is not None or s.task_gpus > 0:
+        return "ray", "study.address or study.task_gpus asks for Ray (study.engine=auto)"
+    serial_because = _serial_because(cfg, tasks)
+    if serial_because:
+        return "serial", f"one task at a time on {torch.get_num_threads()} threads, as {serial_because} " \
+                         "(study.engine=auto)"
+    at_once = min(int(cpu_cores() // s.task_cpus), tasks)
+    return "ray", (f"{at_once} tasks at a time, study.task_cpus={s.task_cpus:g} each, on this machine's "
+                   f"{cpu_cores()} cores (study.engine=auto)")
+
+
+def _serial_because(cfg: Config, tasks: int) -> str | None:
+    """Why ``auto`` keeps the serial engine here, or None where Ray would run two or more tasks at once."""
+    cores, fits = cpu_cores(), processes(cfg.trainer)
+    if fit_device(cfg.trainer).type != "cpu":
+        return "the fits run on a GPU"
+    if fits > 1:
+        return f"a fit runs in {fits} processes"
+    if cores // cfg.study.task_cpus < 2:
+        return f"{cores} core{'' if cores == 1 else 's'} hold one task of study.task_cpus={cfg.study.task_cpus:g}"
+    if tasks < 2:
+        return "one task is left"
+    if importlib.util.find_spec("ray") is None:
+        return "Ray is not installed (pip install 'aepretrain[ray]' runs two or more tasks at once here)"
+    return None
 
 
 def serial_engine(cfg: Config, out: Path, pretrainings: list[tuple[str, int]], cells: list[tuple[float, str, int]],
@@ -354,8 +438,15 @@ def ray_engine(cfg: Config, out: Path, pretrainings: list[tuple[str, int]], cell
         raise UserError("study.engine=ray needs Ray: pip install 'aepretrain[ray]'") from None
     s = cfg.study
     ours = not ray.is_initialized()
+    # Ray says on every start of a local cluster that it authenticates by token, its default: a line a user
+    # cannot act on, and none where the cluster was asked to run otherwise
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if ours:
-        ray.init(address=s.address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        try:
+            ray.init(address=s.address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        except Exception as exc:  # Ray's own, of many kinds: no cluster at the address, no port, no disk
+            ray.shutdown()  # what it had started
+            raise RayDidNotStart(first_line(exc)) from None
     threads = {"OMP_NUM_THREADS": str(max(1, int(s.task_cpus)))}  # a task's threads: its share of the cores
     options = {"num_cpus": s.task_cpus, "num_gpus": s.task_gpus, "max_retries": 0,
                "runtime_env": {"env_vars": threads}}
@@ -380,6 +471,14 @@ def ray_engine(cfg: Config, out: Path, pretrainings: list[tuple[str, int]], cell
     finally:
         if ours:
             ray.shutdown()
+
+
+class RayDidNotStart(UserError):
+    """Ray could not start a cluster or join the one asked for: no task has run."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"Ray did not start ({reason}); --engine serial runs the study without it")
 
 
 def _cell_after(cfg: Config, out: Path, fraction: float, arm: str, seed: int, pretraining: Any) -> dict[str, Any]:
@@ -425,7 +524,8 @@ def _cell(cfg: Config, labelled: DataBundle, out: Path, fraction: float, arm: st
             "epochs": len(history), "steps": int(history[-1]["step"]) if history else 0, "val_every": every,
             "test_accuracy": scores["test_accuracy"], "test_loss": scores["test_loss"],
             "best_val_accuracy": result.record.summary["best_val_accuracy"], "history": history,
-            "seconds": result.record.seconds, "val_share": validating / max(result.record.seconds, 1e-9)}
+            "seconds": result.record.seconds, "val_share": validating / max(result.record.seconds, 1e-9),
+            "threads": torch.get_num_threads()}  # results differ in the last bits from one thread count to another
 
 
 def _finish(cfg: Config, out: Path, record: dict[str, Any], objectives: list[str]) -> dict[str, Any]:
@@ -450,7 +550,7 @@ def _finish(cfg: Config, out: Path, record: dict[str, Any], objectives: list[str
     with open(out / "study.csv", "w", newline="") as f:
         keys = ["fraction", "labelled", "labelled_per_class", "pretrain_images", "ratio", "arm", "seed", "epochs",
                 "steps", "val_every", "test_accuracy", "test_loss", "best_val_accuracy", "epochs_to_target",
-                "steps_to_target", "seconds", "val_share"]
+                "steps_to_target", "seconds", "threads", "val_share"]
         writer = csv.DictWriter(f, keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(grid)

@@ -23,7 +23,7 @@ import logging
 import sys
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from contextvars import ContextVar
 from typing import Any
 
@@ -48,12 +48,49 @@ def fit_label(own: str) -> str:
     return FITTING.get().replace(FIT, own)
 
 
+def duration(seconds: float | None) -> str:
+    """Seconds for people.
+
+    >>> duration(3.04), duration(125.4), duration(660), duration(3725)
+    ('3.0 s', '2 min 5 s', '11 min', '1 h 2 min')
+    """
+    if seconds is None:
+        return "n/a"
+    whole = round(seconds)
+    if whole < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes} min {rest} s" if rest else f"{minutes} min"
+    return f"{minutes // 60} h {minutes % 60} min"
+
+
 def header(text: str) -> None:
     """The line before a step (a stage, an arm, the probes, the report), said by the first process only."""
     from .fileio import is_global_zero  # here: it imports Lightning, which the command line loads late
 
     if is_global_zero():
         LOG.info(text)
+
+
+@contextmanager
+def results_from_first_process() -> Iterator[None]:
+    """Standard output, inside the block, is written by the first process of a distributed run only: each
+    process of a DDP run ends the command, and its results are said once."""
+    from .fileio import is_global_zero
+
+    class FirstProcessOnly:
+        def __init__(self, stream: Any) -> None:
+            self.stream = stream
+
+        def write(self, text: str) -> int:
+            return self.stream.write(text) if is_global_zero() else len(text)
+
+        def __getattr__(self, name: str) -> Any:  # flush, isatty, encoding: the stream's own
+            return getattr(self.stream, name)
+
+    with redirect_stdout(FirstProcessOnly(sys.stdout)):  # type: ignore[type-var]
+        yield
 
 
 class _Stderr(logging.StreamHandler):

@@ -21,6 +21,7 @@ from .fileio import first_line, printable
 from .config import PretrainConfig
 from .models import summary
 from .objectives import objective_of
+from .output import duration
 from .probe import KNN_K
 from .reference import REFERENCE, SETUP, same_task
 from .runfolder import MARKER, SETTINGS, saved_settings
@@ -47,23 +48,6 @@ def percent(value: float | None) -> str:
     ('89.56 %', 'n/a')
     """
     return "n/a" if value is None else f"{value * 100:.2f} %"
-
-
-def duration(seconds: float | None) -> str:
-    """Seconds for people.
-
-    >>> duration(3.04), duration(125.4), duration(660), duration(3725)
-    ('3.0 s', '2 min 5 s', '11 min', '1 h 2 min')
-    """
-    if seconds is None:
-        return "n/a"
-    whole = round(seconds)
-    if whole < 60:
-        return f"{seconds:.1f} s"
-    minutes, rest = divmod(whole, 60)
-    if minutes < 60:
-        return f"{minutes} min {rest} s" if rest else f"{minutes} min"
-    return f"{minutes // 60} h {minutes % 60} min"
 
 
 def epochs_text(count: int) -> str:

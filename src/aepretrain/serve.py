@@ -51,7 +51,7 @@ from PIL import Image
 from .checkpoints import load_autoencoder, load_classifier, read_metadata
 from .data.images import DEFAULT_MAX_PIXELS
 from .errors import UserError
-from .fileio import first_line
+from .fileio import cpu_cores, first_line
 from .prediction import prepare_image, top_k
 from .pretrain import reconstruct, stage_path
 from .transforms import pixels
@@ -153,11 +153,6 @@ class LimitedBody:
                 pass
 
 
-def cores() -> int:
-    """The cores this process may run on: as many uploads are decoded at once, at most."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 async def _analyse_upload(upload: Any, analyst: Analyst, views: bool, decoders: Any) -> tuple[int, dict[str, Any]]:
     """(HTTP status, JSON answer) for the form's file: the analysis, or what is wrong with the upload. At most
     ``decoders`` (an anyio CapacityLimiter) analyses run at once; the others wait, holding no decoded pixels."""
@@ -191,7 +186,7 @@ def build_app(checkpoint: str | Path, top_k: int = 5, max_upload_mb: float = 20.
     from starlette.routing import Route
 
     analyst = Analyst(checkpoint, top_k, max_pixels)
-    decoders = CapacityLimiter(cores())
+    decoders = CapacityLimiter(cpu_cores())  # as many uploads decoded at once as there are cores
     limit = int(max_upload_mb * 1024 * 1024)
     too_large = f"the upload is over the limit of {max_upload_mb:g} MB"
     model = dict(analyst.describe(), max_upload_mb=max_upload_mb)

@@ -14,9 +14,11 @@ Example:
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import pickle
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 from torch.utils.data import DataLoader
@@ -36,7 +39,7 @@ from .callbacks import FiniteEpoch, FiniteLoss, History, SampleCount, Tracking
 from .checkpoints import read_finished, save_model
 from .config import Config, TrainerConfig, cut
 from .errors import UserError
-from .fileio import first_line, write_json, write_stream
+from .fileio import cpu_cores, first_line, is_global_zero, write_json, write_stream
 from .objectives import objective_of
 from .trackers import tracker_loggers
 from .output import fit_label, header
@@ -130,13 +133,13 @@ def fit_or_restore(module: TrainingModule, fit: Fit, cfg: Config, out: Path, cha
         return Record.from_json(module.name, done)
     history = History(cfg.seed)
     last = last_checkpoint(out, module.name, resume)
-    if last is not None:
-        check_resumable(last, module)  # before Lightning starts, and warns about the folders it finds
+    # before Lightning starts, and warns about the folders it finds
+    last_epoch = check_resumable(last, module) if last is not None else None
     trackers = tracker_loggers(cfg, out, module.name, resuming=last is not None)
     tracking = [Tracking(trackers, history, cfg, module.name)] if trackers else []
     shown = progress_callbacks(cfg.trainer.progress, label)
     run = trainer(cfg.trainer, out, module.name, fit.epochs, [*fit.callbacks, history, *tracking, *shown],
-                  fit.val_every)
+                  fit.val_every, last_epoch)
     header(f"[{label}] {says}" + (f", continuing from {last}" if last else ""))
     precision = resolved_precision(cfg.trainer.precision, cfg.trainer.device)
     LOG.debug(f"[{label}] device {cfg.trainer.device}, precision {precision}, logs in {out / 'logs' / module.name}, "
@@ -255,9 +258,10 @@ RESUME_KEYS = ("pytorch-lightning_version", "epoch", "global_step", "state_dict"
                "optimizer_states", "lr_schedulers")  # what Lightning reads to continue a fit
 
 
-def check_resumable(path: Path, module: TrainingModule) -> None:
+def check_resumable(path: Path, module: TrainingModule) -> int:
     """Refuse, in one line, an epoch checkpoint this fit cannot continue from: one that does not load safely,
-    lacks what Lightning reads, or holds weights or optimizer state of another model."""
+    lacks what Lightning reads, or holds weights or optimizer state of another model; else the epoch it ends
+    (Lightning's count, from 0)."""
     remedy = f"; remove it to train {module.name} again from its first epoch"
     checkpoint = load_safely(path, remedy)
     missing = [key for key in RESUME_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
@@ -265,6 +269,7 @@ def check_resumable(path: Path, module: TrainingModule) -> None:
         _optimizer_problem(checkpoint["optimizer_states"], module)
     if problem:
         raise UserError(f"cannot resume {module.name} from {path}: {problem}{remedy}")
+    return int(checkpoint["epoch"])
 
 
 def _weights_problem(state: Any, module: TrainingModule) -> str | None:
@@ -304,18 +309,20 @@ def _optimizer_problem(states: Any, module: TrainingModule) -> str | None:
 
 
 def trainer(t: TrainerConfig, out: Path, name: str, epochs: int, callbacks: Sequence[Callback],
-            val_every: int = 1) -> L.Trainer:
+            val_every: int = 1, resumed_after: int | None = None) -> L.Trainer:
     """A Lightning Trainer with the run's device, precision, log files (those of ``trainer.loggers`` among CSV
     and TensorBoard, in ``out/logs/NAME``; a fit's trackers are callbacks: :class:`Tracking`), the finite-loss and
-    sample-count checks and a last-epoch checkpoint; it validates every ``val_every`` epochs."""
+    sample-count checks and a last-epoch checkpoint; it validates every ``val_every`` epochs. A fit resumed after
+    epoch ``resumed_after`` keeps the CSV log's rows up to it."""
     smoke = {"limit_train_batches": 2, "limit_val_batches": 2, "limit_test_batches": 2} if t.smoke else {}
     devices: Any = t.devices if t.devices == "auto" else (int(t.devices) if t.devices.isdigit() else t.devices)
     resume_ckpt = ModelCheckpoint(dirpath=resume_dir(out, name), filename="last", save_top_k=1, every_n_epochs=1,
                                   save_on_train_epoch_end=True, enable_version_counter=False)
     last = resume_dir(out, name) / "last.ckpt"
     checks = [FiniteLoss(name, last), SampleCount(), FiniteEpoch(name, last)]
-    files = {"csv": CSVLogger, "tensorboard": TensorBoardLogger}
-    logs = [files[kind](out / "logs", name=name, version="") for kind in t.loggers if kind in files]
+    files = {"csv": lambda: ResumedCSVLogger(out / "logs", name, resumed_after),
+             "tensorboard": lambda: TensorBoardLogger(out / "logs", name=name, version="")}
+    logs = [files[kind]() for kind in t.loggers if kind in files]
     try:
         return L.Trainer(
             accelerator=t.device, devices=devices, num_nodes=t.num_nodes, strategy=t.strategy,
@@ -333,6 +340,50 @@ def trainer(t: TrainerConfig, out: Path, name: str, epochs: int, callbacks: Sequ
                         f"strategy={t.strategy}, precision={t.precision}: {first_line(exc)}") from None
 
 
+class ResumedCSVLogger(CSVLogger):
+    """Lightning's CSV log in ``save_dir/NAME/metrics.csv``; a fit resumed after epoch ``resumed_after`` keeps the
+    rows of the epochs up to it (Lightning's own deletes the file it finds) and drops those of the epoch the
+    interruption cut short, which run again."""
+
+    def __init__(self, save_dir: Path, name: str, resumed_after: int | None) -> None:
+        super().__init__(save_dir, name=name, version="")
+        self.resumed_after = resumed_after
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None and is_global_zero():
+            path = Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
+            header, rows = _metric_rows(path, self.resumed_after)
+            with warnings.catch_warnings():  # that it removes the file it finds, which is put back here
+                warnings.filterwarnings("ignore", message="Experiment logs directory")
+                self._experiment = super().experiment
+            if rows:
+                with open(path, "w", newline="") as f:
+                    writer = csv.DictWriter(f, header)
+                    writer.writeheader()
+                    writer.writerows(rows)
+                self._experiment.metrics_keys = header
+        return super().experiment
+
+
+def _metric_rows(path: Path, last_epoch: int | None) -> tuple[list[str], list[dict[str, str]]]:
+    """The header of a CSV log and its rows up to epoch ``last_epoch`` (none for a fit not resumed)."""
+    if last_epoch is None or not path.is_file():
+        return [], []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = [row for row in reader if _epoch(row) <= last_epoch]
+        return list(reader.fieldnames or []), rows
+
+
+def _epoch(row: dict[str, str]) -> float:
+    """A CSV log row's epoch; infinite where a row cut short by a kill has none to read."""
+    try:
+        return float(row.get("epoch") or "inf")
+    except ValueError:
+        return float("inf")
+
+
 def resume_dir(out: Path, name: str) -> Path:
     return out / "checkpoints" / "resume" / name
 
@@ -345,8 +396,7 @@ def last_checkpoint(out: Path, name: str, resume: bool) -> Path | None:
 def set_threads() -> None:
     """Use every core for intra-op work (Lightning and PyTorch defaults can leave some idle), unless
     ``OMP_NUM_THREADS`` says how many: a user's choice, or a launcher's that runs several processes a machine."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     wanted = os.environ.get("OMP_NUM_THREADS", "")
-    threads = int(wanted) if wanted.isdigit() and int(wanted) > 0 else cores
+    threads = int(wanted) if wanted.isdigit() and int(wanted) > 0 else cpu_cores()
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)

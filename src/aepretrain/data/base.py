@@ -175,6 +175,7 @@ class Source:
     class_ids: list[int] | None = None  # official ids, metadata only
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
     missing: list[str] = field(default_factory=list)  # listed but absent
+    root: str | None = None  # the folder read where the reader chose it (Fashion-MNIST without --root)
 
 
 @dataclass

@@ -94,4 +94,5 @@ def read(root: str | None, size: int, cache_dir: str | None, **_: object) -> Sou
                 (len(labels), size, size, 1)
 
         splits[split] = cached(cache_dir, f"fashion-mnist-{split}-{size}", fingerprint(paths, size), folder, read_split)
-    return Source(classes=list(CLASSES), train=splits["train"], test=splits["test"], channels=1)
+    return Source(classes=list(CLASSES), train=splits["train"], test=splits["test"], channels=1,
+                  root=str(folder))

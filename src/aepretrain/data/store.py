@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ..fileio import open_lock_file, say_taken_over
+from ..fileio import cpu_cores, open_lock_file, say_taken_over
 from .base import digest
 from .images import decode
 
@@ -142,7 +142,7 @@ def decode_into(path: Path, offset: int, files: list[Path], size: int, max_pixel
         reasons[start:start + len(why)], digests[start:start + len(rows)] = why, rows
         progress.advance(len(why))
 
-    workers = min(len(os.sched_getaffinity(0)), 8)
+    workers = min(cpu_cores(), 8)
     if len(files) < 2 * CHUNK or workers == 1:
         _open_target(str(path), offset, size, max_pixels)
         try:
