@@ -308,7 +308,7 @@ def study(cfg: Config, out: str | Path, overwrite: bool = False) -> dict[str, An
     labelled = nested_fractions(bundle.train.labels, cfg.study.label_fractions, cfg.seed)  # as large for any seed
     for fraction, subset in labelled.items():
         cell_epochs(cfg, fraction, len(subset), processes(cfg.trainer))
-    if cfg.study.engine != "serial":
+    if chosen_engine(cfg, tasks=2)[0] == "ray":  # a grid of one task left would run serially, and not ask
         check_answers(cfg.study.address)
     with run_folder(out, "study", resume=True, overwrite=overwrite) as folder:
         return _study(cfg, folder)
@@ -317,10 +317,11 @@ def study(cfg: Config, out: str | Path, overwrite: bool = False) -> dict[str, An
 def check_answers(address: str | None) -> None:
     """One line where the cluster's address (``study.address``, else Ray's own ``RAY_ADDRESS``) is not HOST:PORT
     or nothing answers there: Ray would wait without end for a cluster at an address that does not answer."""
-    named = f"study.address {shown(address)}" if address else f"RAY_ADDRESS {shown(os.environ.get('RAY_ADDRESS', ''))}"
+    named = "study.address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
     if address in (None, "", "auto", "local"):
         return
+    named += f" {shown(address)}"
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise UserError(f"{named} is not auto or HOST:PORT")

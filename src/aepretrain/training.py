@@ -133,8 +133,7 @@ def fit_or_restore(module: TrainingModule, fit: Fit, cfg: Config, out: Path, cha
         return Record.from_json(module.name, done)
     history = History(cfg.seed)
     last = last_checkpoint(out, module.name, resume)
-    # before Lightning starts, and warns about the folders it finds
-    last_epoch = check_resumable(last, module) if last is not None else None
+    last_epoch = check_resumable(last, module) if last is not None else None  # before Lightning starts
     trackers = tracker_loggers(cfg, out, module.name, resuming=last is not None)
     tracking = [Tracking(trackers, history, cfg, module.name)] if trackers else []
     shown = progress_callbacks(cfg.trainer.progress, label)
@@ -359,7 +358,7 @@ class ResumedCSVLogger(CSVLogger):
                 self._experiment = super().experiment
             if rows:
                 with open(path, "w", newline="") as f:
-                    writer = csv.DictWriter(f, header)
+                    writer = csv.DictWriter(f, header, extrasaction="ignore")  # a damaged row's extra fields
                     writer.writeheader()
                     writer.writerows(rows)
                 self._experiment.metrics_keys = header

@@ -69,9 +69,9 @@ def prepare(cfg: DataConfig, seed: int, progress: bool = True) -> DataBundle:
     keep, take = stratified_split(pool.labels, cfg.val_fraction, derive_seed(seed, "val-split"))
     train, val = pool.take(keep), pool.take(take)
     ae_index, ae_val_index = autoencoder_split(pool.labels, cfg.ae_fraction, cfg.val_fraction, seed)
-    return DataBundle(dataset=cfg.dataset, root=source.root or cfg.root, classes=source.classes, channels=source.channels,
-                      image_size=cfg.image_size, train=train, val=val, test=test, ae=pool.take(ae_index),
-                      ae_val=pool.take(ae_val_index),
+    return DataBundle(dataset=cfg.dataset, root=source.root or cfg.root, classes=source.classes,
+                      channels=source.channels, image_size=cfg.image_size, train=train, val=val, test=test,
+                      ae=pool.take(ae_index), ae_val=pool.take(ae_val_index),
                       class_ids=source.class_ids, skipped=source.skipped, missing=source.missing, notes=notes)
 
 
