@@ -391,14 +391,14 @@ def chosen_engine(cfg: Config, tasks: int) -> tuple[str, str]:
     if s.engine != "auto":
         return s.engine, f"study.engine={s.engine}"
     if s.address is not None or s.task_gpus > 0:
-        return "ray", "study.address or study.task_gpus asks for Ray (study.engine=auto)"
+        return "ray", "study.engine=auto; study.address or study.task_gpus asks for Ray"
     serial_because = _serial_because(cfg, tasks)
     if serial_because:
-        return "serial", f"one task at a time on {torch.get_num_threads()} threads, as {serial_because} " \
-                         "(study.engine=auto)"
+        return "serial", f"study.engine=auto; one task at a time on {torch.get_num_threads()} threads, as " \
+                         f"{serial_because}"
     at_once = min(int(cpu_cores() // s.task_cpus), tasks)
-    return "ray", (f"{at_once} tasks at a time, study.task_cpus={s.task_cpus:g} each, on this machine's "
-                   f"{cpu_cores()} cores (study.engine=auto)")
+    return "ray", (f"study.engine=auto; {at_once} tasks at a time, study.task_cpus={s.task_cpus:g} each, on this "
+                   f"machine's {cpu_cores()} cores")
 
 
 def _serial_because(cfg: Config, tasks: int) -> str | None:
