@@ -219,7 +219,8 @@ def _steps_to_target(mine: dict[int, dict[str, Any]], scratch: dict[int, dict[st
             "epochs_difference": float(np.mean(epochs))}
 
 
-# change no number (the engine and its resources change the thread count of a task: results differ in the last bits)
+# change no result in kind (the engine and its resources change a task's thread count, and with it its numbers
+# about as much as another seed would: benchmarks/RESULTS.md)
 IGNORED_ON_RESUME = {"trainer.progress", "study.engine", "study.address", "study.task_cpus", "study.task_gpus"}
 # the grid's axes: a cell is known by (fraction, arm, seed), so a study grows (more seeds, objectives or fractions)
 # without running a finished cell again, and a smaller grid reports only its own cells
@@ -526,7 +527,7 @@ def _cell(cfg: Config, labelled: DataBundle, out: Path, fraction: float, arm: st
             "test_accuracy": scores["test_accuracy"], "test_loss": scores["test_loss"],
             "best_val_accuracy": result.record.summary["best_val_accuracy"], "history": history,
             "seconds": result.record.seconds, "val_share": validating / max(result.record.seconds, 1e-9),
-            "threads": torch.get_num_threads()}  # results differ in the last bits from one thread count to another
+            "threads": torch.get_num_threads()}  # a task's numbers depend on its thread count
 
 
 def _finish(cfg: Config, out: Path, record: dict[str, Any], objectives: list[str]) -> dict[str, Any]:
