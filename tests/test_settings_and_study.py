@@ -308,6 +308,8 @@ def damage(checkpoint: dict, how: str) -> object:
         return {"epoch": 0, "state_dict": checkpoint["state_dict"]}
     if how == "weights":
         return checkpoint | {"state_dict": checkpoint["state_dict"] | {"model.dense.weight": torch.zeros(3, 3)}}
+    if how == "epoch":
+        return checkpoint | {"epoch": "x"}
     if how == "optimizer":
         optimizer = checkpoint["optimizer_states"][0]
         optimizer["state"][0]["exp_avg"] = torch.zeros(2, 2)
@@ -329,6 +331,7 @@ def resume_interrupted(out: Path, capsys: pytest.CaptureFixture[str]) -> tuple[i
     ("weights", "its layer 'model.dense.weight' has shape (3, 3), (4, 64) here"),
     ("optimizer", "its optimizer's 'exp_avg' of parameter 0 has shape (2, 2), (16, 3, 5, 5) here"),
     ("a list", "it lacks 'pytorch-lightning_version'"),
+    ("epoch", "its epoch 'x' is not a count"),  # before: a ValueError traceback
 ])
 def test_a_damaged_resume_checkpoint_is_one_whole_sentence(how: str, problem: str, interrupted: Path,
                                                            tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,7 +18,8 @@ from .test_hostile import one_line_error
 
 
 def auto(*overrides: str):
-    return resolve("tiny", overrides=["study.engine=auto", *overrides])
+    """The tiny preset with auto's choice asked for, its fits on the CPU (auto keeps a GPU's fits serial)."""
+    return resolve("tiny", overrides=["study.engine=auto", "trainer.device=cpu", *overrides])
 
 
 def test_named_engines_are_taken_as_named() -> None:
@@ -35,6 +36,9 @@ def test_auto_runs_tasks_side_by_side_on_ray_where_the_cores_allow() -> None:
     assert why == (f"study.engine=auto; {min(cpu_cores(), 10)} tasks at a time, study.task_cpus=1 each, on this "
                    f"machine's {cpu_cores()} cores")
     assert chosen_engine(auto(), 2)[1].startswith("study.engine=auto; 2 tasks at a time")
+    # a task has a thread at least: half a core each puts no more tasks side by side than one core each
+    assert chosen_engine(auto("study.task_cpus=0.5"), 10)[1].startswith(f"study.engine=auto; {min(cpu_cores(), 10)} "
+                                                                          "tasks at a time, study.task_cpus=0.5 each")
 
 
 def test_auto_keeps_one_task_at_a_time_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -84,7 +88,9 @@ def free_port() -> int:
     ("127.0.0.1:{port}", "nothing answers at study.address 127.0.0.1:{port} (Connection refused): start the cluster "
                          "there (ray start --head) or give the address it printed"),
     ("127.0.0.1:99999", "study.address 127.0.0.1:99999 is not auto or HOST:PORT"),
-    ("cluster", "study.address cluster is not auto or HOST:PORT")])
+    ("cluster", "study.address cluster is not auto or HOST:PORT"),
+    ("h:\u00b2", "study.address h:\u00b2 is not auto or HOST:PORT"),
+    ("a" * 64 + ":6379", "nothing answers at study.address " + "a" * 64 + ":6379 (")])
 def test_an_address_where_nothing_answers_is_one_line_before_anything_is_written(
         address: str, said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Ray itself waits without end for a cluster at an address that does not answer (over 10 minutes, tried)."""
@@ -97,7 +103,7 @@ def test_an_address_where_nothing_answers_is_one_line_before_anything_is_written
 
 
 GRID = ["--label-fractions", "1", "--seeds", "1", "--set", "study.epochs=1", "--set", "study.min_steps=2",
-        "--set", "study.val_limit=null"]
+        "--set", "study.val_limit=null", "--device", "cpu"]
 
 
 @pytest.mark.skipif(cpu_cores() < 2, reason="auto takes Ray only where two tasks fit side by side")
@@ -105,6 +111,8 @@ def test_where_ray_does_not_start_auto_runs_the_study_serially_and_ray_asked_for
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """RAY_ADDRESS=auto (Ray's own variable) with no cluster running: Ray refuses to start a new one."""
     pytest.importorskip("ray", reason="Ray is an extra: pip install -e '.[ray]'")
+    if Path("/tmp/ray/ray_current_cluster").exists():  # RAY_ADDRESS=auto would join it
+        pytest.skip("a Ray cluster runs on this machine")
     monkeypatch.setenv("RAY_ADDRESS", "auto")
     out = tmp_path / "study"
     assert main(["study", "--out", str(out), *tiny(), "--engine", "auto", *GRID]) == 0

@@ -92,8 +92,8 @@ def test_a_killed_ray_study_leaves_no_process_and_resumes(tmp_path: Path) -> Non
     out = tmp_path / "study"
     command = [sys.executable, "-m", "aepretrain", "study", *(a for a in tiny() if a != "--quiet"), "--seeds", "2",
                "--label-fractions", "1", "--objectives", "greedy", "--set", "study.epochs=1", "--set",
-               "study.min_steps=2", "--set", "study.val_limit=null", "--set", "study.task_cpus=1", "--out", str(out),
-               "--engine"]
+               "study.min_steps=2", "--set", "study.val_limit=null", "--set", "study.task_cpus=1", "--device", "cpu",
+               "--out", str(out), "--engine"]
     mark = f"AEPRETRAIN_TEST_RUN={tmp_path.name}-{os.getpid()}"
     env = dict(os.environ, OMP_NUM_THREADS="1", **dict([mark.split("=")]))
     driver = subprocess.Popen([*command, "ray"], env=env, start_new_session=True, stdout=subprocess.DEVNULL,

@@ -14,7 +14,7 @@ from aepretrain.data import prepare
 from aepretrain.data.loading import loader
 from aepretrain.finetune import classifier_module, new_classifier
 from aepretrain.models import Classifier
-from aepretrain.training import Fit, Record, fit_or_restore, scheduler
+from aepretrain.training import Fit, Record, _metric_rows, fit_or_restore, scheduler
 
 
 def test_schedules_span_exactly_the_steps_they_are_given() -> None:
@@ -65,3 +65,23 @@ def test_fit_or_restore_trains_once_then_restores_the_finished_weights_and_recor
     assert restored == trained
     assert all(torch.equal(a, b) for a, b in zip(trained_model.state_dict().values(),
                                                  restored_model.state_dict().values()))
+
+
+@pytest.mark.parametrize("damage", [b"epoch,step\n0," + b"9" * 200_000 + b"\n", b"epoch,step\n\xff\xfe,1\n"])
+def test_a_damaged_csv_log_starts_afresh_on_resume_in_one_warning(damage: bytes, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A field longer than the csv module reads, bytes that are not UTF-8: before, a traceback on resume."""
+    log = tmp_path / "metrics.csv"
+    log.write_bytes(damage)
+    assert _metric_rows(log, 0) == ([], [])
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and said[0].startswith(f"aepretrain: {log} is damaged (") and \
+        said[0].endswith("): the resumed fit's log starts afresh"), said
+
+
+def test_a_resumed_csv_log_keeps_the_rows_of_the_finished_epochs(tmp_path: Path) -> None:
+    log = tmp_path / "metrics.csv"
+    log.write_text("epoch,step,val_loss\n0,4,0.5\n1,9,0.4\n2,14,0.3\n3,1")  # the last row cut short by a kill
+    assert _metric_rows(log, 1) == (["epoch", "step", "val_loss"], [
+        {"epoch": "0", "step": "4", "val_loss": "0.5"}, {"epoch": "1", "step": "9", "val_loss": "0.4"}])
+    assert _metric_rows(log, None) == ([], [])  # a fit not resumed starts its log afresh

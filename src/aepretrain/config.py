@@ -234,8 +234,8 @@ class StudyConfig:
     val_limit: int | None = setting(1000, "validation images (stratified) used for model selection in every cell; "
                                     "null: all", "[2, inf)")
     engine: Engine = setting("auto", "auto: ray where this machine's CPUs run two or more tasks at once (Ray "
-                             "installed, fits on the CPU in one process), else serial; serial: every task in this "
-                             "process; ray: tasks on a Ray cluster")
+                             "installed, fits on the CPU in one process) or study.address or study.task_gpus asks "
+                             "for it, else serial; serial: every task in this process; ray: tasks on a Ray cluster")
     address: str | None = setting(None, "ray: a running cluster (auto, HOST:PORT); null starts one on this machine")
     task_cpus: float = setting(1.0, "ray: CPUs per task (its threads)", "(0, 1024]")
     task_gpus: float = setting(0.0, "ray: GPUs per task (a share of one, e.g. 0.25, puts four tasks on a GPU)",

@@ -309,7 +309,7 @@ def study(cfg: Config, out: str | Path, overwrite: bool = False) -> dict[str, An
     labelled = nested_fractions(bundle.train.labels, cfg.study.label_fractions, cfg.seed)  # as large for any seed
     for fraction, subset in labelled.items():
         cell_epochs(cfg, fraction, len(subset), processes(cfg.trainer))
-    if chosen_engine(cfg, tasks=2)[0] == "ray":  # a grid of one task left would run serially, and not ask
+    if chosen_engine(cfg, tasks=2)[0] == "ray":  # the engine a grid of tasks would run on
         check_answers(cfg.study.address)
     with run_folder(out, "study", resume=True, overwrite=overwrite) as folder:
         return _study(cfg, folder)
@@ -324,13 +324,14 @@ def check_answers(address: str | None) -> None:
         return
     named += f" {shown(address)}"
     host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise UserError(f"{named} is not auto or HOST:PORT")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
-    except OSError as exc:
-        raise UserError(f"nothing answers at {named} ({exc.strerror or exc}): start the cluster there (ray start "
-                        "--head) or give the address it printed") from None
+    except (OSError, UnicodeError) as exc:  # UnicodeError: a host name no resolver takes (a label too long)
+        reason = getattr(exc, "strerror", None) or exc
+        raise UserError(f"nothing answers at {named} ({reason}): start the cluster there (ray start --head) or give "
+                        "the address it printed") from None
 
 
 def _study(cfg: Config, out: Path) -> dict[str, Any]:
@@ -350,22 +351,23 @@ def _study(cfg: Config, out: Path) -> dict[str, Any]:
         header(f"[study] resuming {out}: {tasks - left} of {tasks} pre-trainings and cells finished before "
                f"(study.json), {left} left")
 
-    done = tasks - left  # of this grid (the record may also hold a larger grid's cells)
+    if not left:
+        return _finish(cfg, out, record, objectives)
+    finished = tasks - left  # of this grid (the record may also hold a larger grid's cells)
 
     def keep(kind: str, result: dict[str, Any]) -> None:
-        nonlocal done
+        nonlocal finished
         record["pretraining" if kind == "pretraining" else "cells"].append(result)
         write_json(out / "study.json", record)
-        done += 1
-        header(f"[study] {done} of {tasks} done: {task_text(kind, result)}")
+        finished += 1
+        header(f"[study] {finished} of {tasks} done: {task_text(kind, result)}")
 
     engine, why = chosen_engine(cfg, left)
-    if left:
-        header(f"[study] engine {engine}: {why}")
+    header(f"[study] engine {engine}: {why}")
     try:
         (serial_engine if engine == "serial" else ray_engine)(cfg, out, pretrainings, cells, keep)
     except RayDidNotStart as exc:
-        if s.engine != "auto" or s.address is not None:  # Ray was asked for, not chosen here
+        if s.engine != "auto" or s.address is not None or s.task_gpus > 0:  # Ray was asked for, not chosen here
             raise
         LOG.warning(f"aepretrain: Ray did not start ({exc.reason}): the serial engine runs the study")
         serial_engine(cfg, out, pretrainings, cells, keep)  # no task had started
@@ -397,7 +399,7 @@ def chosen_engine(cfg: Config, tasks: int) -> tuple[str, str]:
     if serial_because:
         return "serial", f"study.engine=auto; one task at a time on {torch.get_num_threads()} threads, as " \
                          f"{serial_because}"
-    at_once = min(int(cpu_cores() // s.task_cpus), tasks)
+    at_once = min(int(cpu_cores() // max(1.0, s.task_cpus)), tasks)
     return "ray", (f"study.engine=auto; {at_once} tasks at a time, study.task_cpus={s.task_cpus:g} each, on this "
                    f"machine's {cpu_cores()} cores")
 
@@ -409,7 +411,7 @@ def _serial_because(cfg: Config, tasks: int) -> str | None:
         return "the fits run on a GPU"
     if fits > 1:
         return f"a fit runs in {fits} processes"
-    if cores // cfg.study.task_cpus < 2:
+    if cores // max(1.0, cfg.study.task_cpus) < 2:  # a task has one thread at least, whatever its share
         return f"{cores} core{'' if cores == 1 else 's'} hold one task of study.task_cpus={cfg.study.task_cpus:g}"
     if tasks < 2:
         return "one task is left"
@@ -437,7 +439,7 @@ def ray_engine(cfg: Config, out: Path, pretrainings: list[tuple[str, int]], cell
     try:
         import ray
     except ImportError:
-        raise UserError("study.engine=ray needs Ray: pip install 'aepretrain[ray]'") from None
+        raise UserError("the study on Ray needs Ray: pip install 'aepretrain[ray]', or pass --engine serial") from None
     s = cfg.study
     ours = not ray.is_initialized()
     # Ray says on every start of a local cluster that it authenticates by token, its default: a line a user
@@ -445,7 +447,10 @@ def ray_engine(cfg: Config, out: Path, pretrainings: list[tuple[str, int]], cell
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if ours:
         try:
-            ray.init(address=s.address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            # a cluster of our own has the cores this process may use (Ray would count the machine's)
+            cores = {"num_cpus": cpu_cores()} if s.address is None and "RAY_ADDRESS" not in os.environ else {}
+            ray.init(address=s.address, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     **cores)
         except Exception as exc:  # Ray's own, of many kinds: no cluster at the address, no port, no disk
             ray.shutdown()  # what it had started
             raise RayDidNotStart(first_line(exc)) from None

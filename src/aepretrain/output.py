@@ -86,6 +86,10 @@ def results_from_first_process() -> Iterator[None]:
         def write(self, text: str) -> int:
             return self.stream.write(text) if is_global_zero() else len(text)
 
+        def writelines(self, lines: Any) -> None:
+            for line in lines:
+                self.write(line)
+
         def __getattr__(self, name: str) -> Any:  # flush, isatty, encoding: the stream's own
             return getattr(self.stream, name)
 

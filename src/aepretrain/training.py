@@ -266,9 +266,12 @@ def check_resumable(path: Path, module: TrainingModule) -> int:
     missing = [key for key in RESUME_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
     problem = f"it lacks '{missing[0]}'" if missing else _weights_problem(checkpoint["state_dict"], module) or \
         _optimizer_problem(checkpoint["optimizer_states"], module)
+    epoch = checkpoint["epoch"] if not missing else None
+    if not problem and not (isinstance(epoch, int) and epoch >= 0):
+        problem = f"its epoch {cut(repr(epoch))} is not a count"
     if problem:
         raise UserError(f"cannot resume {module.name} from {path}: {problem}{remedy}")
-    return int(checkpoint["epoch"])
+    return epoch
 
 
 def _weights_problem(state: Any, module: TrainingModule) -> str | None:
@@ -369,10 +372,14 @@ def _metric_rows(path: Path, last_epoch: int | None) -> tuple[list[str], list[di
     """The header of a CSV log and its rows up to epoch ``last_epoch`` (none for a fit not resumed)."""
     if last_epoch is None or not path.is_file():
         return [], []
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        rows = [row for row in reader if _epoch(row) <= last_epoch]
-        return list(reader.fieldnames or []), rows
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = [row for row in reader if _epoch(row) <= last_epoch]
+            return list(reader.fieldnames or []), rows
+    except (UnicodeDecodeError, csv.Error) as exc:  # not a log we wrote: it starts again, as Lightning's would
+        LOG.warning(f"aepretrain: {path} is damaged ({first_line(exc)}): the resumed fit's log starts afresh")
+        return [], []
 
 
 def _epoch(row: dict[str, str]) -> float:
