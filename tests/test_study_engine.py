@@ -2,7 +2,6 @@
 once, and keeps the serial engine, saying why, where they do not; a study says each task as it ends."""
 
 import json
-import socket
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from aepretrain.label_study import chosen_engine
 
 from .conftest import tiny
 from .test_hostile import one_line_error
+from .test_multinode import free_port
 
 
 def auto(*overrides: str):
@@ -76,12 +76,6 @@ def test_a_study_names_its_engine_and_each_task_as_it_ends(tmp_path: Path,
     assert main(args) == 0  # nothing left: no engine line, nothing done
     said = capsys.readouterr().err.splitlines()
     assert not [line for line in said if line.startswith("[study] engine") or " done: " in line], said
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("address, said", [

@@ -399,9 +399,15 @@ def chosen_engine(cfg: Config, tasks: int) -> tuple[str, str]:
     if serial_because:
         return "serial", f"study.engine=auto; one task at a time on {torch.get_num_threads()} threads, as " \
                          f"{serial_because}"
-    at_once = min(int(cpu_cores() // max(1.0, s.task_cpus)), tasks)
+    at_once = min(side_by_side(cfg), tasks)
     return "ray", (f"study.engine=auto; {at_once} tasks at a time, study.task_cpus={s.task_cpus:g} each, on this "
                    f"machine's {cpu_cores()} cores")
+
+
+def side_by_side(cfg: Config) -> int:
+    """The tasks this machine's cores run at once, ``study.task_cpus`` each; a task has one thread at least,
+    whatever its share."""
+    return int(cpu_cores() // max(1.0, cfg.study.task_cpus))
 
 
 def _serial_because(cfg: Config, tasks: int) -> str | None:
@@ -411,7 +417,7 @@ def _serial_because(cfg: Config, tasks: int) -> str | None:
         return "the fits run on a GPU"
     if fits > 1:
         return f"a fit runs in {fits} processes"
-    if cores // max(1.0, cfg.study.task_cpus) < 2:  # a task has one thread at least, whatever its share
+    if side_by_side(cfg) < 2:
         return f"{cores} core{'' if cores == 1 else 's'} hold one task of study.task_cpus={cfg.study.task_cpus:g}"
     if tasks < 2:
         return "one task is left"

@@ -165,7 +165,8 @@ def _settings(cfg: Any, m: dict[str, Any]) -> list[Block]:
     return [("h2", "Settings"),
             ("p", f"Data set **{d['name']}** ({len(d['classes']):,} classes, {d['image_size']}x{d['image_size']}x"
                   f"{d['channels']}), seed {m['seed']}, precision {precision}. Pre-training ({p.objective}): Adam lr "
-                  f"{objective_of(p).learning_rate:g}, {epochs_text(p.epochs)} per stage, batch {p.batch_size}, schedule {p.schedule}. Fine-tuning: "
+                  f"{objective_of(p).learning_rate:g}, {epochs_text(p.epochs)} per stage, batch {p.batch_size}, "
+                  f"schedule {p.schedule}. Fine-tuning: "
                   f"Adam lr {f.lr:g}, up to {epochs_text(f.epochs)}, batch {f.batch_size}, schedule {f.schedule}, "
                   f"early stopping {stopping}. Augmentation: {_augmentation(cfg.augment)}. First-convolution "
                   f"stride: classifier {cfg.model.classifier_stride}, autoencoders {cfg.model.autoencoder_stride}.")]
